@@ -1,0 +1,44 @@
+"""Typed errors raised by the library. Only `recast.cli` turns them into messages and exit codes.
+
+Every message is one line that names the problem and, where there is one, the fix.
+"""
+
+
+class RecastError(Exception):
+    """Base class of every error recast raises on purpose."""
+
+
+class RecipeError(RecastError):
+    """A recipe is malformed: unknown keys, wrong types, impossible settings."""
+
+
+class ModelLoadError(RecastError):
+    """A checkpoint is missing, corrupt, or cannot be read."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The checkpoint's architecture has no family adapter."""
+
+
+class PickleCheckpointError(ModelLoadError):
+    """A checkpoint is stored as pickle and the user did not opt in to loading it."""
+
+
+class DataError(RecastError):
+    """A calibration or evaluation text source is missing, empty or unreadable."""
+
+
+class PartitionError(RecastError):
+    """A partition cannot be built or does not cover the FFN exactly."""
+
+
+class RoutingError(RecastError):
+    """A router was asked for something it cannot give."""
+
+
+class OutputExistsError(RecastError):
+    """The output directory exists and is not empty, and --overwrite was not given."""
+
+
+class FormatError(RecastError):
+    """A saved directory is not in a format recast can read."""

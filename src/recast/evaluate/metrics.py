@@ -1,0 +1,91 @@
+"""Fidelity metrics of a converted model against its dense original, on held-out text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..refactor.calibrate import padded_batches
+
+
+@dataclass
+class LMOutputs:
+    """Next-token log-probabilities at every real position, and the targets."""
+
+    log_probs: Tensor  # [N, V]
+    targets: Tensor  # [N]
+
+
+@torch.no_grad()
+def lm_outputs(
+    model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
+) -> LMOutputs:
+    log_probs, targets = [], []
+    for ids, mask in padded_batches(sequences, batch_size, pad_id):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        keep = mask[:, 1:].bool()
+        log_probs.append(torch.log_softmax(logits[keep].float(), dim=-1))
+        targets.append(ids[:, 1:][keep])
+    return LMOutputs(torch.cat(log_probs), torch.cat(targets))
+
+
+def perplexity(out: LMOutputs) -> float:
+    nll = -out.log_probs.gather(1, out.targets[:, None]).mean()
+    return float(torch.exp(nll))
+
+
+def lm_metrics(dense: LMOutputs, moe: LMOutputs) -> dict[str, float]:
+    dense_ppl, moe_ppl = perplexity(dense), perplexity(moe)
+    kl = (dense.log_probs.exp() * (dense.log_probs - moe.log_probs)).sum(-1).mean()
+    agreement = (dense.log_probs.argmax(-1) == moe.log_probs.argmax(-1)).float().mean()
+    return {
+        "dense_perplexity": dense_ppl,
+        "moe_perplexity": moe_ppl,
+        "perplexity_ratio": moe_ppl / dense_ppl,
+        "top1_agreement": float(agreement),
+        "mean_kl": float(kl),
+        "eval_tokens": int(dense.targets.numel()),
+    }
+
+
+@torch.no_grad()
+def embeddings(
+    model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
+) -> Tensor:
+    """Mean-pooled last hidden states (sentence-transformers pooling), one row per sequence."""
+    rows = []
+    for ids, mask in padded_batches(sequences, batch_size, pad_id):
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask[..., None].to(hidden.dtype)
+        rows.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+    return torch.cat(rows)
+
+
+def _ranks(values: Tensor) -> Tensor:
+    order = torch.argsort(values)
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(values.numel(), dtype=values.dtype)
+    return ranks
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation (ties broken by position; similarities are continuous)."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def embedding_metrics(dense: Tensor, moe: Tensor) -> dict[str, float]:
+    cosine = nn.functional.cosine_similarity(dense, moe, dim=-1)
+    d, m = nn.functional.normalize(dense, dim=-1), nn.functional.normalize(moe, dim=-1)
+    upper = torch.triu_indices(len(d), len(d), offset=1)
+    dense_sims = (d @ d.T)[upper[0], upper[1]]
+    moe_sims = (m @ m.T)[upper[0], upper[1]]
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "similarity_spearman": spearman(dense_sims, moe_sims) if len(dense_sims) > 1 else 1.0,
+        "eval_sentences": len(dense),
+    }

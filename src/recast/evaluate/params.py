@@ -1,0 +1,68 @@
+"""Parameter counts: total, and active per token (what one token's forward pass touches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..models.families import Family
+from ..models.surgery import dense_ffn, layer_modules
+from ..refactor.moe import ExpertBank, MoEFFN
+
+
+@dataclass
+class ParamCount:
+    total: int
+    active: int  # per token: shared parts + the top-k experts' (unpadded) neurons
+    ffn_total: int
+    ffn_active: int
+
+    @property
+    def active_ffn_fraction(self) -> float:
+        return self.ffn_active / self.ffn_total if self.ffn_total else 1.0
+
+
+def _per_neuron(bank: ExpertBank) -> int:
+    """Parameters one intermediate neuron owns: its up (and gate) row, biases, down column."""
+    rows = 2 if bank.gate is not None else 1
+    biases = 0 if bank.up_bias is None else rows
+    return bank.hidden * (rows + 1) + biases
+
+
+def moe_count(moe: MoEFFN) -> tuple[int, int]:
+    """(real FFN parameters, active per token) of one MoE layer; padding is not counted."""
+    per = _per_neuron(moe.experts)
+    widths = moe.experts.widths
+    shared = 0 if moe.shared is None else moe.shared.widths[0] * per
+    bias = 0 if moe.down_bias is None else moe.down_bias.numel()
+    total = sum(widths) * per + shared + bias
+    k = moe.router.top_k
+    active = round(k * sum(widths) / len(widths)) * per + shared + bias
+    return total, active
+
+
+def count_parameters(model: nn.Module, family: Family) -> ParamCount:
+    """Counts for a dense model (everything active) or a recast MoE model."""
+    total = sum(p.numel() for p in model.parameters())
+    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    if moes:
+        counts = [moe_count(m) for m in moes]
+        padding = (
+            sum(p.numel() for m in moes for p in m.parameters())
+            - sum(c[0] for c in counts)
+            - sum(p.numel() for m in moes for p in m.router.parameters())
+        )
+        ffn_total = sum(c[0] for c in counts)
+        ffn_active = sum(c[1] for c in counts)
+        total -= padding
+        return ParamCount(total, total - ffn_total + ffn_active, ffn_total, ffn_active)
+    ffn_total = 0
+    for i, layer in enumerate(layer_modules(model, family)):
+        ffn = dense_ffn(layer, family, i)
+        ffn_total += sum(
+            t.numel()
+            for t in (ffn.up, ffn.up_bias, ffn.gate, ffn.gate_bias, ffn.down, ffn.down_bias)
+            if t is not None
+        )
+    return ParamCount(total, total, ffn_total, ffn_total)

@@ -1,0 +1,72 @@
+"""The conversion report: what the conversion kept and what it saves, as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_ROWS = [
+    ("dense_perplexity", "dense perplexity", "{:.3f}"),
+    ("moe_perplexity", "MoE perplexity", "{:.3f}"),
+    ("perplexity_ratio", "perplexity ratio (MoE / dense)", "{:.4f}"),
+    ("top1_agreement", "next-token top-1 agreement", "{:.2%}"),
+    ("mean_kl", "mean KL(dense || MoE)", "{:.4f}"),
+    ("eval_tokens", "evaluation tokens", "{:,}"),
+    ("cosine_mean", "embedding cosine (mean)", "{:.4f}"),
+    ("cosine_min", "embedding cosine (min)", "{:.4f}"),
+    ("similarity_spearman", "Spearman of pairwise similarities", "{:.4f}"),
+    ("eval_sentences", "evaluation sentences", "{:,}"),
+    ("params_total", "parameters (total)", "{:,}"),
+    ("params_active", "parameters active per token", "{:,}"),
+    ("dense_params", "dense parameters", "{:,}"),
+    ("active_ffn_fraction", "active FFN fraction", "{:.3f}"),
+    ("conversion_seconds", "conversion time (s)", "{:.1f}"),
+    ("peak_rss_mb", "peak memory (RSS, MiB)", "{:,.0f}"),
+]
+
+
+@dataclass
+class Report:
+    name: str
+    model: str
+    family: str
+    experts: dict
+    router: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "family": self.family,
+            "experts": self.experts,
+            "router": self.router,
+            "metrics": self.metrics,
+            "notes": self.notes,
+        }
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
+    def table(self) -> str:
+        e = self.experts
+        title = (
+            f"{self.name}: {self.family} -> {e['count']} experts (top-{e['top_k']}, "
+            f"shared {e['shared']:.0%}, {e['strategy']}, {e['combine']}), router {self.router}"
+        )
+        rows = [
+            (label, fmt.format(self.metrics[key]))
+            for key, label, fmt in _ROWS
+            if key in self.metrics
+        ]
+        width = max(len(label) for label, _ in rows)
+        lines = [title, "-" * len(title)]
+        lines += [f"{label:<{width}}  {value:>14}" for label, value in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.metrics.items()}
+        return f"Report({self.name!r}, {shown})"

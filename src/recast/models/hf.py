@@ -1,0 +1,202 @@
+"""The recast output format: an HF-style directory that `AutoModel*.from_pretrained` loads.
+
+`config.json` has `model_type: recast_moe` and wraps the dense model's config (`base_config`)
+plus the MoE layout (`recast`). Loading builds the dense architecture without initialising
+weights, swaps in MoE layers of the saved shapes, and loads `model.safetensors` strictly. The
+result is the family's own transformers class (e.g. `LlamaForCausalLM`) with MoE FFNs, so
+`generate`, tokenizers and pipelines work unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import transformers
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from ..atomic import atomic_directory
+from ..errors import FormatError
+from ..refactor.moe import ExpertBank, MoEFFN
+from ..refactor.partition import ModelPartition
+from ..routers.base import ROUTERS
+from .families import Family, family_for
+from .surgery import layer_modules, replace_module
+
+MODEL_TYPE = "recast_moe"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MoEInfo:
+    """What a converted model carries besides its weights (kept as `model.recast`)."""
+
+    family: str
+    num_experts: int
+    top_k: int
+    combine: str
+    router: str
+    expert_widths: list[int]  # stacked (padded) width per layer
+    shared_widths: list[int]  # 0 where a layer has no shared expert
+    activation: str
+    bias: bool  # projections carry biases (GPT-2, BERT, Llama with mlp_bias)
+    partition: ModelPartition | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("partition")
+        return data
+
+
+class RecastMoEConfig(transformers.PretrainedConfig):
+    model_type = MODEL_TYPE
+
+    def __init__(self, base_config: dict | None = None, recast: dict | None = None, **kwargs):
+        self.base_config = base_config or {}
+        self.recast = recast or {}
+        super().__init__(**kwargs)
+
+
+def _load_from_dir(cls, pretrained_model_name_or_path, *args, **kwargs):
+    return load(pretrained_model_name_or_path)
+
+
+class RecastMoEForCausalLM(transformers.PreTrainedModel):
+    """Auto-class entry point; `from_pretrained` returns the family's own class with MoE FFNs."""
+
+    config_class = RecastMoEConfig
+    from_pretrained = classmethod(_load_from_dir)
+
+
+class RecastMoEModel(transformers.PreTrainedModel):
+    config_class = RecastMoEConfig
+    from_pretrained = classmethod(_load_from_dir)
+
+
+def register_auto_classes() -> None:
+    transformers.AutoConfig.register(MODEL_TYPE, RecastMoEConfig, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(RecastMoEConfig, RecastMoEForCausalLM, exist_ok=True)
+    transformers.AutoModel.register(RecastMoEConfig, RecastMoEModel, exist_ok=True)
+
+
+def info_of(model: nn.Module) -> MoEInfo:
+    info = getattr(model, "recast", None)
+    if not isinstance(info, MoEInfo):
+        raise FormatError("this model was not converted by recast (it has no MoE layout to save)")
+    return info
+
+
+def save(
+    model: nn.Module, directory: str | Path, *, overwrite: bool = False, tokenizer=None
+) -> Path:
+    """Write `model` in the recast format (atomically; refuses a non-empty dir unless overwrite)."""
+    with atomic_directory(Path(directory), overwrite) as staging:
+        write_model(model, staging, tokenizer)
+    return Path(directory)
+
+
+def write_model(model: nn.Module, directory: Path, tokenizer=None) -> None:
+    """The files of the recast format, into an existing (staging) directory."""
+    info = info_of(model)
+    config = {
+        "model_type": MODEL_TYPE,
+        "architectures": [
+            (
+                RecastMoEForCausalLM
+                if family_for(model.config.model_type).causal_lm
+                else RecastMoEModel
+            ).__name__
+        ],
+        "base_config": model.config.to_dict(),
+        "recast": {"format_version": FORMAT_VERSION, **info.to_json()},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    safetensors.torch.save_model(model, str(directory / "model.safetensors"))
+    if info.partition is not None:
+        info.partition.save(directory / "partition.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
+    """Replace each FFN with an MoE layer of the saved shapes (weights filled in by loading)."""
+    hidden = model.config.hidden_size
+    for i, layer in enumerate(layer_modules(model, family)):
+        gated, biased = family.gated, info.bias
+        experts = ExpertBank(
+            info.num_experts, info.expert_widths[i], hidden, info.activation, gated, biased
+        )
+        shared = None
+        if info.shared_widths[i]:
+            shared = ExpertBank(1, info.shared_widths[i], hidden, info.activation, gated, biased)
+        down_bias = torch.zeros(hidden) if biased else None
+        router = ROUTERS.get(info.router)(info.num_experts, info.top_k, info.combine)
+        replace_module(
+            layer, family.ffn, MoEFFN(experts, shared, down_bias, router, info.combine, i)
+        )
+        for path in family.identity:
+            replace_module(layer, path, nn.Identity())
+
+
+def load(directory: str | Path) -> nn.Module:
+    """Load a recast-format directory into the family's transformers class with MoE layers."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(
+            f"{directory} has no readable config.json; is it a recast output?"
+        ) from exc
+    if config.get("model_type") != MODEL_TYPE:
+        raise FormatError(
+            f"{directory} holds a {config.get('model_type')!r} model, not {MODEL_TYPE!r}; "
+            f"load it with transformers directly"
+        )
+    meta = dict(config["recast"])
+    meta.pop("format_version", None)
+    info = MoEInfo(**meta)
+    base = dict(config["base_config"])
+    base_config = transformers.AutoConfig.for_model(base.pop("model_type"), **base)
+    family = family_for(base_config.model_type)
+    auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
+    with no_init_weights():
+        model = auto.from_config(base_config, dtype=torch.float32)
+    install_skeleton(model, family, info)
+    _load_weights(model, directory / "model.safetensors")
+    if (directory / "partition.json").exists():
+        info.partition = ModelPartition.load(directory / "partition.json")
+    model.recast = info
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise FormatError(f"cannot read {path}: {exc}") from exc
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise FormatError(
+            f"{path} does not match its config.json: {str(exc).splitlines()[0]}"
+        ) from exc
+    model.tie_weights()
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(
+        n for n, _ in model.named_parameters()
+    )
+    missing = [k for k in result.missing_keys if k not in tied and not _is_tied_alias(model, k)]
+    if result.unexpected_keys or missing:
+        raise FormatError(
+            f"{path} does not match its config.json (missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+
+
+def _is_tied_alias(model: nn.Module, key: str) -> bool:
+    """A key dropped by safetensors' shared-tensor dedup (e.g. a tied lm_head.weight)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return key in tied

@@ -1,0 +1,118 @@
+"""Load dense checkpoints: local HF directories (safetensors, sharded), Python packages that ship
+a model directory, or hub ids when online. Pickle checkpoints are refused unless trusted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from ..errors import ModelLoadError, PickleCheckpointError
+from .families import Family, family_for
+from .surgery import dense_ffn, layer_modules
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+@dataclass
+class DenseModel:
+    """A loaded dense model with its family adapter and tokenizer."""
+
+    model: nn.Module
+    family: Family
+    tokenizer: transformers.PreTrainedTokenizerBase | None
+    source: str
+
+    def __repr__(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters())
+        return f"DenseModel({self.family.name}, {params / 1e6:.1f}M params, from {self.source!r})"
+
+
+def resolve_source(spec: str) -> str:
+    """A local directory for `spec`: a path, `package:<module>` (a pip-installed model), or a
+    hub id passed through unchanged (transformers resolves it, online or from its cache)."""
+    if spec.startswith("package:"):
+        return str(_package_model_dir(spec.removeprefix("package:")))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"model {spec!r} is a file; point model at the checkpoint directory")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    if looks_like_path:
+        raise ModelLoadError(f"model path {spec!r} does not exist; check recipe key 'model'")
+    return spec
+
+
+def _package_model_dir(module_name: str) -> Path:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model package {module_name!r} is not installed; pip install "
+            f"{module_name.replace('_', '-')}"
+        ) from exc
+    getter = getattr(module, "get_model_path", None)
+    directory = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"package {module_name!r} ships no model directory at {directory}")
+    return directory
+
+
+def check_weight_files(directory: Path, trust_pickle: bool) -> None:
+    """Refuse a directory with no weights, or with only pickle weights unless trusted."""
+    if any((directory / name).exists() for name in SAFE_WEIGHTS):
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (directory / name).exists()]
+    if pickles and not trust_pickle:
+        raise PickleCheckpointError(
+            f"{directory / pickles[0]} is a pickle checkpoint, which can run code when loaded; "
+            f"convert it to safetensors or pass --trust-pickle (loads with weights_only=True)"
+        )
+    if not pickles:
+        raise ModelLoadError(f"{directory} has no model weights (expected {SAFE_WEIGHTS[0]})")
+
+
+def load_dense(
+    spec: str, *, trust_pickle: bool = False, dtype: torch.dtype = torch.float32
+) -> DenseModel:
+    """Load a dense checkpoint of a supported family, validated against its adapter."""
+    source = resolve_source(spec)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config of {spec!r}: {_first_line(exc)}") from exc
+    family = family_for(config.model_type)
+    if Path(source).is_dir():
+        check_weight_files(Path(source), trust_pickle)
+    auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(source, dtype=dtype, weights_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from exc
+    validate_layout(model, family)
+    return DenseModel(model.eval(), family, _tokenizer(source), spec)
+
+
+def validate_layout(model: nn.Module, family: Family) -> None:
+    """Every layer has the adapter's FFN with consistent shapes (raises before any change)."""
+    for i, layer in enumerate(layer_modules(model, family)):
+        dense_ffn(layer, family, i)
+
+
+def _tokenizer(source: str):
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None  # weights without a tokenizer are still convertible from token ids
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

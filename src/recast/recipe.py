@@ -1,0 +1,238 @@
+"""Recipes: YAML checked by pydantic (mergekit `MergeConfiguration` style).
+
+Unknown keys are errors with a suggestion; every error names the field path and, when the
+recipe came from a file, the YAML line. The resolved recipe is written next to each output.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+from .refactor.partition import STRATEGIES
+from .registry import Registry, did_you_mean
+from .routers.base import ROUTERS
+
+
+def _registered(registry: Registry, name: str) -> str:
+    """`name` if the registry knows it; a ValueError (so pydantic adds the field path) if not."""
+    try:
+        registry.get(name)
+    except RecipeError as exc:
+        raise ValueError(str(exc)) from None
+    return name
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSpec(Section):
+    """Text streamed through the dense model to decide the partition."""
+
+    data: str = "builtin:pydoc"
+    domains: dict[str, str] | None = None
+    samples: int = Field(256, gt=0)
+    seq_len: int = Field(128, ge=2)
+    batch_size: int = Field(8, gt=0)
+    reservoir: int = Field(1024, ge=0)
+
+
+class ExpertsSpec(Section):
+    """How each FFN is split and combined."""
+
+    count: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    shared: float = Field(0.0, ge=0.0, lt=1.0)
+    strategy: str = "cluster"
+    combine: Literal["sum", "softmax"] = "sum"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        return _registered(STRATEGIES, name)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExpertsSpec:
+        if self.top_k > self.count:
+            raise ValueError(
+                f"top_k ({self.top_k}) is larger than count ({self.count}); "
+                f"lower experts.top_k or raise experts.count"
+            )
+        options_model = STRATEGIES.get(self.strategy).options
+        try:
+            options_model(**self.options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            known = list(options_model.model_fields)
+            hint = did_you_mean(key, known) if first["type"] == "extra_forbidden" else ""
+            raise ValueError(
+                f"options.{key}: {first['msg']}{hint} for strategy {self.strategy!r} "
+                f"(its options: {', '.join(known) or 'none'})"
+            ) from None
+        return self
+
+
+class RouterSpec(Section):
+    kind: str = "oracle"
+
+    @field_validator("kind")
+    @classmethod
+    def _known_router(cls, kind: str) -> str:
+        return _registered(ROUTERS, kind)
+
+
+class EvaluateSpec(Section):
+    """Held-out text on which the dense and MoE models are compared."""
+
+    enabled: bool = True
+    data: str = "builtin:pydoc"
+    samples: int = Field(64, gt=0)
+    seq_len: int | None = Field(None, ge=2)
+
+
+class OutputSpec(Section):
+    format: Literal["recast"] = "recast"
+    dir: str | None = None
+
+
+class Recipe(Section):
+    name: str
+    model: str
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names the output dir)")
+        return name
+
+    @model_validator(mode="after")
+    def _domains_match_experts(self) -> Recipe:
+        if self.experts.strategy == "domain":
+            domains = self.calibration.domains or {}
+            if len(domains) < 2:
+                raise ValueError(
+                    "strategy 'domain' needs calibration.domains with at least two named sources"
+                )
+            if len(domains) != self.experts.count:
+                raise ValueError(
+                    f"strategy 'domain' makes one expert per domain: experts.count is "
+                    f"{self.experts.count} but calibration.domains has {len(domains)}"
+                )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("exported") / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` overrides (values parsed as YAML scalars) to a recipe dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r} is not key=value (e.g. --set experts.count=4)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] = ()) -> Recipe:
+    """A validated Recipe from a YAML path, a dict or a Recipe, with `--set` overrides applied."""
+    if isinstance(source, Recipe):
+        source = source.model_dump()
+    text, origin = None, "recipe"
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        origin = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise RecipeError(
+                f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+            ) from exc
+        if not isinstance(data, dict):
+            raise RecipeError(
+                f"{path}: a recipe is a YAML mapping of keys such as name, model, experts"
+            )
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc, origin, text)) from None
+
+
+def _describe(exc: ValidationError, origin: str, text: str | None) -> str:
+    """One line for the first error: `file:line: path: message`, and how many more."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    path = "".join(f"{p}: " for p in [".".join(loc)] if p)
+    line = _line_of(text, first["loc"]) if text else None
+    where = f"{origin}:{line}" if line else origin
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        message = f"unknown key{did_you_mean(loc[-1], known)}; allowed here: {', '.join(known)}"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {path}{message}{more}"
+
+
+def _known_keys(parents: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in parents:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """The 1-based YAML line of the key at `loc` (or of its deepest existing parent)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next((kv for kv in node.value if kv[0].value == str(part)), None)
+        if match is None:
+            break
+        line = match[0].start_mark.line + 1
+        node = match[1]
+    return line

@@ -1,0 +1,167 @@
+"""Calibration: stream text through the dense model and keep bounded per-neuron statistics.
+
+A forward pre-hook on each layer's down projection sees the FFN's intermediate activations
+(the input of `down`, in every family). Per neuron we keep running sums (of |h|, h, h^2, and
+how often h > 0), per domain sums of |h|, and a fixed-size reservoir of token activation rows
+for the strategies that cluster. Nothing grows with the number of calibration tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models.families import Family
+from ..models.surgery import layer_modules
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one FFN's intermediate neurons (`I` of them)."""
+
+    tokens: int
+    mean_abs: Tensor  # [I]
+    mean: Tensor  # [I]
+    mean_sq: Tensor  # [I]
+    positive_fraction: Tensor  # [I]
+    domain_mean_abs: dict[str, Tensor]  # domain -> [I]
+    reservoir: Tensor  # [R, I] sampled token activations (R may be 0)
+
+
+class Reservoir:
+    """Uniform sample of at most `size` rows from a stream (Vitter's algorithm R)."""
+
+    def __init__(self, size: int, width: int, generator: torch.Generator):
+        self.rows = torch.zeros(size, width)
+        self.size, self.seen, self.generator = size, 0, generator
+
+    def add(self, batch: Tensor) -> None:
+        if self.size == 0:
+            return
+        fill = min(max(self.size - self.seen, 0), batch.shape[0])
+        self.rows[self.seen : self.seen + fill] = batch[:fill]
+        rest = batch[fill:]
+        if rest.shape[0]:
+            # Row i of the stream replaces a random slot with probability size / (i + 1).
+            positions = torch.arange(self.seen + fill, self.seen + batch.shape[0])
+            slots = (torch.rand(rest.shape[0], generator=self.generator) * (positions + 1)).long()
+            keep = torch.nonzero(slots < self.size).flatten().tolist()
+            for i in keep:  # sequential so that a later row wins a slot, as in the algorithm
+                self.rows[slots[i]] = rest[i]
+        self.seen += batch.shape[0]
+
+    def sample(self) -> Tensor:
+        return self.rows[: min(self.seen, self.size)].clone()
+
+
+class NeuronAccumulator:
+    """Running per-neuron sums for one layer."""
+
+    def __init__(self, width: int, reservoir: Reservoir):
+        self.width = width
+        self.tokens = 0
+        self.abs_sum = torch.zeros(width, dtype=torch.float64)
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.sq_sum = torch.zeros(width, dtype=torch.float64)
+        self.positive = torch.zeros(width, dtype=torch.float64)
+        self.domain_abs: dict[str, Tensor] = {}
+        self.domain_tokens: dict[str, int] = {}
+        self.reservoir = reservoir
+
+    def add(self, h: Tensor, domain: str) -> None:
+        h = h.detach().float()
+        magnitude = h.abs().sum(0, dtype=torch.float64)
+        self.tokens += h.shape[0]
+        self.abs_sum += magnitude
+        self.sum += h.sum(0, dtype=torch.float64)
+        self.sq_sum += (h * h).sum(0, dtype=torch.float64)
+        self.positive += (h > 0).sum(0, dtype=torch.float64)
+        self.domain_abs[domain] = self.domain_abs.get(domain, 0) + magnitude
+        self.domain_tokens[domain] = self.domain_tokens.get(domain, 0) + h.shape[0]
+        self.reservoir.add(h)
+
+    def result(self) -> LayerStats:
+        n = max(self.tokens, 1)
+        return LayerStats(
+            tokens=self.tokens,
+            mean_abs=(self.abs_sum / n).float(),
+            mean=(self.sum / n).float(),
+            mean_sq=(self.sq_sum / n).float(),
+            positive_fraction=(self.positive / n).float(),
+            domain_mean_abs={
+                d: (s / max(self.domain_tokens[d], 1)).float() for d, s in self.domain_abs.items()
+            },
+            reservoir=self.reservoir.sample(),
+        )
+
+
+def padded_batches(
+    sequences: list[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """`(input_ids, attention_mask)` batches, right-padded to the longest sequence in each."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        longest = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        yield ids, mask
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    family: Family,
+    domains: dict[str, list[list[int]]],
+    *,
+    batch_size: int = 8,
+    reservoir_size: int = 0,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> list[LayerStats]:
+    """Per-layer statistics of the dense FFNs' intermediate activations over `domains`."""
+    generator = torch.Generator().manual_seed(seed)
+    downs = [dict(layer.named_modules())[family.down] for layer in layer_modules(model, family)]
+    accumulators = [
+        NeuronAccumulator(width, Reservoir(reservoir_size, width, generator))
+        for width in (_input_width(down, family) for down in downs)
+    ]
+    state: dict = {}
+
+    def hook_for(acc: NeuronAccumulator):
+        def hook(module, args):
+            h = args[0].reshape(-1, acc.width)
+            acc.add(h[state["mask"]], state["domain"])
+
+        return hook
+
+    handles = [
+        d.register_forward_pre_hook(hook_for(a)) for d, a in zip(downs, accumulators, strict=True)
+    ]
+    total = sum(len(s) for seqs in domains.values() for s in seqs)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=total, unit="tok", desc="calibrate", disable=not progress) as bar:
+            for domain, sequences in domains.items():
+                state["domain"] = domain
+                for ids, mask in padded_batches(sequences, batch_size, pad_id):
+                    state["mask"] = mask.reshape(-1).bool()
+                    model.base_model(input_ids=ids, attention_mask=mask)
+                    bar.update(int(mask.sum()))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [a.result() for a in accumulators]
+
+
+def _input_width(down: nn.Module, family: Family) -> int:
+    return down.weight.shape[0] if family.conv1d else down.weight.shape[1]

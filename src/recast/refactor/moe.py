@@ -1,0 +1,145 @@
+"""The MoE layer that replaces a dense FFN.
+
+Experts are slices of the dense FFN's intermediate neurons, stored stacked (`[E, W, H]`), so a
+layer holds one tensor per projection whatever the expert count. An optional shared expert
+runs on every token. The down-projection bias is added once, after experts are summed, which is
+what makes `combine: sum` with every expert selected equal to the dense FFN.
+
+Experts narrower than the widest one are padded with zero neurons; `mask` keeps the padding at
+exactly zero contribution even after training touches the padded weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+from ..routers.base import Router, Routing
+
+
+class ExpertBank(nn.Module):
+    """`num` FFN slices of width `width` (SwiGLU when `gated`), stored stacked."""
+
+    def __init__(
+        self,
+        num: int,
+        width: int,
+        hidden: int,
+        activation: str,
+        gated: bool,
+        up_bias: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.num, self.width, self.hidden, self.activation = num, width, hidden, activation
+        self.act = ACT2FN[activation]
+        self.up = nn.Parameter(torch.zeros(num, width, hidden, dtype=dtype))
+        self.gate = nn.Parameter(torch.zeros(num, width, hidden, dtype=dtype)) if gated else None
+        self.down = nn.Parameter(torch.zeros(num, hidden, width, dtype=dtype))
+        self.up_bias = nn.Parameter(torch.zeros(num, width, dtype=dtype)) if up_bias else None
+        self.gate_bias = (
+            nn.Parameter(torch.zeros(num, width, dtype=dtype)) if up_bias and gated else None
+        )
+        self.register_buffer("mask", torch.ones(num, width, dtype=dtype))
+
+    @property
+    def widths(self) -> list[int]:
+        """Real (unpadded) neurons per expert."""
+        return [int(w) for w in self.mask.sum(dim=1).tolist()]
+
+    def activations(self, x: Tensor, expert: int) -> Tensor:
+        """Intermediate activations of one expert: `[n, W]` for `x` of `[n, H]`."""
+        up_bias = None if self.up_bias is None else self.up_bias[expert]
+        h = nn.functional.linear(x, self.up[expert], up_bias)
+        if self.gate is None:
+            h = self.act(h)
+        else:
+            gate_bias = None if self.gate_bias is None else self.gate_bias[expert]
+            h = self.act(nn.functional.linear(x, self.gate[expert], gate_bias)) * h
+        return h * self.mask[expert]
+
+    def all_activations(self, x: Tensor) -> Tensor:
+        """Activations of every expert at once: `[E, T, W]` (oracle routing, calibration)."""
+        h = torch.einsum("th,ewh->etw", x, self.up)
+        if self.up_bias is not None:
+            h = h + self.up_bias[:, None, :]
+        if self.gate is None:
+            h = self.act(h)
+        else:
+            g = torch.einsum("th,ewh->etw", x, self.gate)
+            if self.gate_bias is not None:
+                g = g + self.gate_bias[:, None, :]
+            h = self.act(g) * h
+        return h * self.mask[:, None, :]
+
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        """One expert's output without the down bias: `[n, H]`."""
+        return nn.functional.linear(self.activations(x, expert), self.down[expert])
+
+
+class MoEFFN(nn.Module):
+    """A routed replacement for one dense FFN.
+
+    `forward` groups tokens by selected expert and runs one matmul chain per expert that at
+    least one token selected, so compute grows with top-k, not with the expert count.
+    """
+
+    def __init__(
+        self,
+        experts: ExpertBank,
+        shared: ExpertBank | None,
+        down_bias: Tensor | None,
+        router: Router,
+        combine: str,
+        layer_index: int,
+    ):
+        super().__init__()
+        self.experts = experts
+        self.shared = shared
+        self.down_bias = None if down_bias is None else nn.Parameter(down_bias)
+        self.router = router
+        self.combine = combine
+        self.layer_index = layer_index
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.router(x, self)
+        out = self.routed(x, routing)
+        if self.shared is not None:
+            out = out + self.shared.expert_forward(x, 0)
+        if self.down_bias is not None:
+            out = out + self.down_bias
+        return out.reshape(shape)
+
+    def routed(self, x: Tensor, routing: Routing) -> Tensor:
+        """Sum of the selected experts' outputs, each scaled by its routing weight if any."""
+        tokens, k = routing.indices.shape
+        flat = routing.indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token_of = order // k
+        grouped = x.index_select(0, token_of)
+        outputs = []
+        for expert, chunk in zip(
+            counts.nonzero().flatten().tolist(),
+            grouped.split(counts[counts > 0].tolist()),
+            strict=True,
+        ):
+            outputs.append(self.experts.expert_forward(chunk, expert))
+        y = torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+        if routing.weights is not None:
+            y = y * routing.weights.reshape(-1)[order, None].to(y.dtype)
+        return x.new_zeros(tokens, x.shape[-1]).index_add_(0, token_of, y)
+
+    def extra_repr(self) -> str:
+        shared = 0 if self.shared is None else self.shared.widths[0]
+        return (
+            f"layer={self.layer_index}, experts={self.num_experts}x{self.experts.width}, "
+            f"shared={shared}, router={self.router.kind}, combine={self.combine}"
+        )

@@ -1,0 +1,338 @@
+"""Neuron -> expert assignment: the `Partition` object and the registry of strategies.
+
+Every strategy returns, per layer, a shared set and `count` routed sets that together cover the
+FFN's intermediate neurons exactly once (checked by `Partition.validate`). Routed experts get
+widths that differ by at most one neuron when the routed width does not divide evenly; the
+stacked storage pads the narrower ones (see `recast.refactor.moe`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from ..errors import FormatError, PartitionError, RecipeError
+from ..registry import Registry
+from .calibrate import LayerStats
+
+
+@dataclass
+class Partition:
+    """One layer's split: `shared` neuron ids and one id list per routed expert."""
+
+    shared: list[int]
+    experts: list[list[int]]
+
+    @property
+    def widths(self) -> list[int]:
+        return [len(e) for e in self.experts]
+
+    def validate(self, width: int) -> None:
+        """Every neuron in `range(width)` belongs to exactly one set, and no expert is empty."""
+        ids = [*self.shared, *(i for e in self.experts for i in e)]
+        if sorted(ids) != list(range(width)):
+            missing = sorted(set(range(width)) - set(ids))[:5]
+            raise PartitionError(
+                f"partition does not cover the {width} neurons exactly once "
+                f"(missing e.g. {missing}, {len(ids)} ids given)"
+            )
+        if any(not e for e in self.experts):
+            raise PartitionError("partition has an empty expert; use fewer experts")
+
+
+@dataclass
+class ModelPartition:
+    """The partition of every converted layer, saved as `partition.json`."""
+
+    strategy: str
+    layers: list[Partition]
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "settings": self.settings,
+            "layers": [{"shared": p.shared, "experts": p.experts} for p in self.layers],
+        }
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: Path) -> ModelPartition:
+        try:
+            data = json.loads(path.read_text())
+            layers = [Partition(p["shared"], p["experts"]) for p in data["layers"]]
+            return cls(data["strategy"], layers, data.get("settings", {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"{path} is not a valid partition.json: {exc}") from exc
+
+    def __repr__(self) -> str:
+        p = self.layers[0]
+        return (
+            f"ModelPartition(strategy={self.strategy!r}, layers={len(self.layers)}, "
+            f"experts={len(p.experts)}, shared={len(p.shared)}, widths={p.widths})"
+        )
+
+
+@dataclass
+class LayerInput:
+    """What a strategy sees of one layer: its dense up-projection rows and calibration stats."""
+
+    index: int
+    up_rows: Tensor  # [I, H]; for SwiGLU the gate rows are concatenated ([I, 2H])
+    stats: LayerStats | None
+
+
+class StrategyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    fn: Callable[[LayerInput, int, int, int, StrategyOptions], Partition]
+    options: type[StrategyOptions]
+    needs_stats: bool
+
+
+STRATEGIES: Registry[Strategy] = Registry("partition strategy")
+
+
+def strategy(name: str, options: type[StrategyOptions] = StrategyOptions, needs_stats=True):
+    def add(fn):
+        STRATEGIES.register(name)(Strategy(fn, options, needs_stats))
+        return fn
+
+    return add
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """`parts` sizes summing to `total` that differ by at most one (larger ones first)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def shared_count(width: int, shared: float, count: int) -> int:
+    n_shared = round(width * shared)
+    if width - n_shared < count:
+        raise PartitionError(
+            f"{width} neurons leave {width - n_shared} after the shared expert, fewer than "
+            f"{count} experts; lower experts.count or experts.shared"
+        )
+    return n_shared
+
+
+def importance(stats: LayerStats) -> Tensor:
+    """Mean activation magnitude per neuron (MoEBERT, Read-ME)."""
+    return stats.mean_abs
+
+
+def _split_by_importance(stats: LayerStats, n_shared: int) -> tuple[list[int], Tensor]:
+    order = torch.argsort(importance(stats), descending=True, stable=True)
+    return sorted(order[:n_shared].tolist()), order[n_shared:]
+
+
+def _chunks(ids: list[int], sizes: list[int]) -> list[list[int]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(sorted(ids[start : start + size]))
+        start += size
+    return out
+
+
+# --- uniform -----------------------------------------------------------------------------
+
+
+class UniformOptions(StrategyOptions):
+    order: str = "contiguous"  # or "random" (seeded)
+
+
+@strategy("uniform", UniformOptions, needs_stats=False)
+def uniform(layer: LayerInput, count: int, n_shared: int, seed: int, opts: UniformOptions):
+    """Equal slices in neuron order, or of a seeded permutation (LLaMA-MoE's random split)."""
+    width = layer.up_rows.shape[0]
+    ids = list(range(width))
+    if opts.order == "random":
+        random.Random(seed * 1_000_003 + layer.index).shuffle(ids)
+    elif opts.order != "contiguous":
+        raise RecipeError(f"uniform order must be 'contiguous' or 'random', got {opts.order!r}")
+    rest = ids[n_shared:]
+    return Partition(sorted(ids[:n_shared]), _chunks(rest, split_sizes(len(rest), count)))
+
+
+# --- importance --------------------------------------------------------------------------
+
+
+@strategy("importance")
+def importance_split(layer: LayerInput, count: int, n_shared: int, seed: int, opts):
+    """The most active neurons are shared; the rest are dealt round-robin by rank (MoEBERT)."""
+    shared, rest = _split_by_importance(layer.stats, n_shared)
+    experts = [sorted(rest[e::count].tolist()) for e in range(count)]
+    return Partition(shared, experts)
+
+
+# --- cluster -----------------------------------------------------------------------------
+
+
+class ClusterOptions(StrategyOptions):
+    features: str = "activations"  # or "weights" (up-projection rows, LLaMA-MoE / MoEfication)
+    iterations: int = 25
+
+
+def balanced_assign(cost: Tensor, sizes: list[int]) -> Tensor:
+    """Greedy balanced assignment: cheapest (item, cluster) pairs first, within capacities."""
+    n, k = cost.shape
+    capacity = list(sizes)
+    labels = [-1] * n
+    left = n
+    for flat in torch.argsort(cost.reshape(-1), stable=True).tolist():
+        item, cluster = divmod(flat, k)
+        if labels[item] < 0 and capacity[cluster] > 0:
+            labels[item] = cluster
+            capacity[cluster] -= 1
+            left -= 1
+            if left == 0:
+                break
+    return torch.tensor(labels)
+
+
+def balanced_kmeans(points: Tensor, sizes: list[int], seed: int, iterations: int) -> Tensor:
+    """k-means whose clusters have exactly `sizes` members (MoEfication's balanced k-means)."""
+    points = torch.nn.functional.normalize(points.float(), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    centers = points[torch.randperm(points.shape[0], generator=generator)[: len(sizes)]]
+    labels = None
+    for _ in range(iterations):
+        new = balanced_assign(torch.cdist(points, centers), sizes)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        centers = torch.stack([points[labels == c].mean(dim=0) for c in range(len(sizes))])
+    return labels
+
+
+@strategy("cluster", ClusterOptions)
+def cluster(layer: LayerInput, count: int, n_shared: int, seed: int, opts: ClusterOptions):
+    """Balanced k-means over neuron activation profiles or weight rows; shared = most active."""
+    shared, rest = _split_by_importance(layer.stats, n_shared)
+    if opts.features == "activations":
+        points = layer.stats.reservoir.T[rest]  # each neuron's activations on sampled tokens
+    elif opts.features == "weights":
+        points = layer.up_rows[rest]
+    else:
+        raise RecipeError(
+            f"cluster features must be 'activations' or 'weights', got {opts.features!r}"
+        )
+    labels = balanced_kmeans(
+        points, split_sizes(len(rest), count), seed + layer.index, opts.iterations
+    )
+    return Partition(shared, [sorted(rest[labels == e].tolist()) for e in range(count)])
+
+
+# --- coactivation ------------------------------------------------------------------------
+
+
+class CoactivationOptions(StrategyOptions):
+    active_fraction: float = 0.1  # per token, the top fraction of neurons counts as active
+    neighbours: int = 16  # edges kept per neuron in the sparsified graph
+
+
+def coactivation_graph(reservoir: Tensor, opts: CoactivationOptions) -> nx.Graph:
+    """Neurons as nodes; edge weight = how often two neurons are active on the same token."""
+    magnitude = reservoir.abs()
+    top = max(1, round(magnitude.shape[1] * opts.active_fraction))
+    threshold = magnitude.topk(top, dim=1).values[:, -1:]
+    active = (magnitude >= threshold).float()
+    counts = active.T @ active
+    counts.fill_diagonal_(0)
+    keep = min(opts.neighbours, counts.shape[0] - 1)
+    graph = nx.Graph()
+    graph.add_nodes_from(range(counts.shape[0]))
+    values, neighbours = counts.topk(keep, dim=1)
+    for node, (row_values, row_neighbours) in enumerate(
+        zip(values.tolist(), neighbours.tolist(), strict=True)
+    ):
+        for weight, other in zip(row_values, row_neighbours, strict=True):
+            graph.add_edge(node, other, weight=weight + 1e-3)  # keep zero-count edges connected
+    return graph
+
+
+def bisect_into(graph: nx.Graph, nodes: list[int], sizes: list[int], seed: int) -> list[list[int]]:
+    """Recursive Kernighan-Lin bisection; KL swaps pairs, so each side keeps its exact size."""
+    if len(sizes) == 1:
+        return [sorted(nodes)]
+    half = len(sizes) // 2
+    left_size = sum(sizes[:half])
+    shuffled = list(nodes)
+    random.Random(seed).shuffle(shuffled)
+    left, right = nx.algorithms.community.kernighan_lin_bisection(
+        graph.subgraph(nodes),
+        partition=(set(shuffled[:left_size]), set(shuffled[left_size:])),
+        weight="weight",
+        seed=seed,
+    )
+    if len(left) != left_size:  # networkx does not promise to return the sides in order
+        left, right = right, left
+    return bisect_into(graph, list(left), sizes[:half], seed + 1) + bisect_into(
+        graph, list(right), sizes[half:], seed + 2
+    )
+
+
+@strategy("coactivation", CoactivationOptions)
+def coactivation(layer: LayerInput, count: int, n_shared: int, seed: int, opts):
+    """Balanced min-cut parts of the neuron co-activation graph (MoEfication, LLaMA-MoE)."""
+    shared, rest = _split_by_importance(layer.stats, n_shared)
+    rest_ids = rest.tolist()
+    graph = coactivation_graph(layer.stats.reservoir[:, rest], opts)
+    parts = bisect_into(graph, list(range(len(rest_ids))), split_sizes(len(rest_ids), count), seed)
+    return Partition(shared, [sorted(rest_ids[i] for i in part) for part in parts])
+
+
+# --- domain ------------------------------------------------------------------------------
+
+
+@strategy("domain")
+def domain(layer: LayerInput, count: int, n_shared: int, seed: int, opts):
+    """Read-ME: neurons in every domain's top set are shared; each domain's remainder is an expert.
+
+    Ranking neurons by their worst per-domain rank gives nested intersections of the domains'
+    top sets, so the first `n_shared` of that order are exactly "common to every domain" at the
+    keep-fraction that yields the requested shared width. Each remaining neuron goes to the
+    domain where it ranks best, within equal capacities.
+    """
+    means = layer.stats.domain_mean_abs
+    if len(means) != count:
+        raise PartitionError(
+            f"strategy 'domain' makes one expert per calibration domain: experts.count is "
+            f"{count} but there are {len(means)} domains ({', '.join(means)}); set "
+            f"experts.count to {len(means)} or change calibration.domains"
+        )
+    scores = torch.stack(list(means.values()), dim=1)  # [I, D]
+    ranks = torch.argsort(torch.argsort(scores, dim=0, descending=True), dim=0).float()
+    order = torch.argsort(ranks.max(dim=1).values, stable=True)
+    shared = sorted(order[:n_shared].tolist())
+    rest = order[n_shared:]
+    labels = balanced_assign(ranks[rest], split_sizes(len(rest), count))
+    return Partition(shared, [sorted(rest[labels == e].tolist()) for e in range(count)])
+
+
+def partition_layer(
+    name: str, layer: LayerInput, count: int, shared: float, seed: int, options: dict
+) -> Partition:
+    """Run strategy `name` on one layer and check the result covers every neuron once."""
+    chosen = STRATEGIES.get(name)
+    if chosen.needs_stats and layer.stats is None:
+        raise PartitionError(f"strategy {name!r} needs calibration statistics")
+    width = layer.up_rows.shape[0]
+    result = chosen.fn(
+        layer, count, shared_count(width, shared, count), seed, chosen.options(**options)
+    )
+    result.validate(width)
+    return result

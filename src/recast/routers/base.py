@@ -1,0 +1,55 @@
+"""The Router interface: hidden states (or token ids) in, expert choices out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import RoutingError
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..refactor.moe import MoEFFN
+
+
+@dataclass
+class Routing:
+    """Which experts each token uses: `indices[T, k]`, and `weights[T, k]` (None: all 1)."""
+
+    indices: Tensor
+    weights: Tensor | None = None
+
+
+class Router(nn.Module):
+    """Maps one MoE layer's input tokens `[T, H]` to a `Routing`.
+
+    `top_k` is how many routed experts each token uses; `combine` decides the weights: `sum`
+    gives none (each selected expert counts fully, the exact refactor), `softmax` gives
+    Mixtral-style weights (softmax over the selected experts' scores).
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, num_experts: int, top_k: int, combine: str):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise RoutingError(f"top_k must be between 1 and {num_experts}, got {top_k}")
+        self.num_experts, self.top_k, self.combine = num_experts, top_k, combine
+
+    def forward(self, hidden: Tensor, moe: MoEFFN) -> Routing:
+        raise NotImplementedError
+
+    def select(self, scores: Tensor) -> Routing:
+        """Top-k of `scores[T, E]`, with weights according to `combine`."""
+        values, indices = torch.topk(scores, self.top_k, dim=-1)
+        weights = torch.softmax(values, dim=-1) if self.combine == "softmax" else None
+        return Routing(indices, weights)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, combine={self.combine}"
+
+
+ROUTERS: Registry[type[Router]] = Registry("router")
