@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-VOCAB = 96
+VOCAB = 192
 
 
 def _configs() -> dict[str, transformers.PretrainedConfig]:
@@ -24,6 +24,8 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
         "qwen2": transformers.Qwen2Config(**swiglu),
         "gpt2": transformers.GPT2Config(
             vocab_size=VOCAB,
+            bos_token_id=1,
+            eos_token_id=2,
             n_embd=32,
             n_inner=72,
             n_layer=2,
@@ -61,3 +63,85 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 def token_batch(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_recipe(family: str, strategy: str, **experts):
+    import recast
+
+    domains = {"a": "builtin:pydoc/statements", "b": "builtin:pydoc/expressions"}
+    settings = {"count": 2 if strategy == "domain" else 4, "top_k": 2, "shared": 0.25}
+    settings.update(experts, strategy=strategy)
+    return recast.load_recipe(
+        {
+            "name": f"tiny-{family}-{strategy}",
+            "model": "<in-memory>",
+            "calibration": {"domains": domains if strategy == "domain" else None, "reservoir": 64},
+            "experts": settings,
+            "router": {"kind": "all"},
+        }
+    )
+
+
+def calibration_domains(recipe) -> dict[str, list[list[int]]]:
+    names = list(recipe.calibration.domains or {"default": None})
+    return {name: token_batch(4, 16, seed=10 + i).tolist() for i, name in enumerate(names)}
+
+
+def convert_tiny(family: str, strategy: str = "uniform", router: str = "all", **experts):
+    """(dense model, converted MoE model, recipe) for a tiny model, calibrated on random ids."""
+    from recast.models.families import family_for
+    from recast.models.load import DenseModel
+    from recast.pipeline import build_moe, partition_model
+    from recast.refactor.calibrate import calibrate
+
+    recipe = tiny_recipe(family, strategy, **experts)
+    recipe.router.kind = router
+    dense = tiny_model(family)
+    model = tiny_model(family)
+    fam = family_for(model.config.model_type)
+    stats = calibrate(model, fam, calibration_domains(recipe), reservoir_size=64, progress=False)
+    partition = partition_model(model, fam, stats, recipe)
+    moe = build_moe(DenseModel(model, fam, None, "<tiny>"), partition, recipe)
+    return dense, moe, recipe
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a slice of the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from recast.data import load_documents
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60],
+        show_progress=False,
+    )
+    tok.train_from_iterator(load_documents("builtin:pydoc/statements")[:8], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def save_checkpoint(family: str, directory, safe: bool = True):
+    """A tiny checkpoint directory (weights + tokenizer) as a user would have on disk."""
+    model = tiny_model(family)
+    tokenizer = tiny_tokenizer()
+    assert len(tokenizer) <= VOCAB
+    model.save_pretrained(directory, safe_serialization=safe)
+    tokenizer.save_pretrained(directory)
+    return directory

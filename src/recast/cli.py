@@ -111,7 +111,12 @@ def _inspect(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import transformers
+
     from .errors import RecastError
+
+    # recast reports its own stages; transformers' per-file bars would only add noise.
+    transformers.utils.logging.disable_progress_bar()
 
     try:
         return {"convert": _convert, "validate": _validate, "inspect": _inspect}[args.command](args)

@@ -115,7 +115,7 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None) -> None:
         "recast": {"format_version": FORMAT_VERSION, **info.to_json()},
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    safetensors.torch.save_model(model, str(directory / "model.safetensors"))
+    safetensors.torch.save_file(_untied_state(model), str(directory / "model.safetensors"))
     if info.partition is not None:
         info.partition.save(directory / "partition.json")
     if tokenizer is not None:
@@ -173,6 +173,24 @@ def load(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Tied parameter names (e.g. `lm_head.weight` -> the embedding it shares), per transformers."""
+    return getattr(model, "all_tied_weights_keys", None) or {}
+
+
+def _untied_state(model: nn.Module) -> dict:
+    """The state dict with tied copies dropped (loading re-ties them), as safetensors requires."""
+    state = model.state_dict()
+    for target, source in _tied(model).items():
+        if (
+            target in state
+            and source in state
+            and state[target].data_ptr() == state[source].data_ptr()
+        ):
+            del state[target]
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def _load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = safetensors.torch.load_file(str(path))
@@ -184,19 +202,10 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise FormatError(
             f"{path} does not match its config.json: {str(exc).splitlines()[0]}"
         ) from exc
-    model.tie_weights()
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(
-        n for n, _ in model.named_parameters()
-    )
-    missing = [k for k in result.missing_keys if k not in tied and not _is_tied_alias(model, k)]
+    missing = [k for k in result.missing_keys if k not in _tied(model)]
     if result.unexpected_keys or missing:
         raise FormatError(
             f"{path} does not match its config.json (missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]})"
         )
-
-
-def _is_tied_alias(model: nn.Module, key: str) -> bool:
-    """A key dropped by safetensors' shared-tensor dedup (e.g. a tied lm_head.weight)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return key in tied
+    model.tie_weights()

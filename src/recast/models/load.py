@@ -31,7 +31,7 @@ class DenseModel:
 
     def __repr__(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
-        return f"DenseModel({self.family.name}, {params / 1e6:.1f}M params, from {self.source!r})"
+        return f"DenseModel({self.family.name}, {params:,} params, from {self.source!r})"
 
 
 def resolve_source(spec: str) -> str:
@@ -94,7 +94,7 @@ def load_dense(
     auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
     try:
         model = auto.from_pretrained(source, dtype=dtype, weights_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # corrupt files surface as many types (SafetensorError, EOFError...)
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from exc
     validate_layout(model, family)
     return DenseModel(model.eval(), family, _tokenizer(source), spec)

@@ -1,0 +1,189 @@
+"""The CLI: bad input gets one line on stderr, exit code 2, and leaves no output behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from recast.cli import main
+from tiny_models import save_checkpoint, tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
+
+
+def write_recipe(path, **overrides):
+    recipe = {
+        "name": "tiny",
+        "model": "tiny-llama",
+        "calibration": {"samples": 8, "seq_len": 16},
+        "experts": {"count": 4, "top_k": 2, "shared": 0.25, "strategy": "importance"},
+        "evaluate": {"samples": 4},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            recipe.setdefault(section, {})[leaf] = value
+        else:
+            recipe[section] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("recast: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_convert_writes_every_output_file(llama_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(llama_dir))
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["convert", recipe, "--out", out, "--quiet"], capsys)
+    assert code == 0
+    assert {"config.json", "model.safetensors", "partition.json", "recipe.yaml", "report.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["active_ffn_fraction"] < 1
+    assert "perplexity ratio" in stdout
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # staging removed
+
+
+def test_existing_output_needs_overwrite(llama_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(llama_dir))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(["convert", recipe, "--out", out], capsys)
+    assert_one_line_error(code, err, "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    code, _, _ = run_cli(["convert", recipe, "--out", out, "--overwrite", "--quiet"], capsys)
+    assert code == 0 and not (out / "keep.txt").exists()
+
+
+def test_set_override_and_dry_run(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    code, out, _ = run_cli(["convert", recipe, "--dry-run", "--set", "experts.count=8"], capsys)
+    assert code == 0 and yaml.safe_load(out)["experts"]["count"] == 8
+    assert not (tmp_path / "exported").exists()
+
+
+BAD_RECIPES = {
+    "malformed YAML": ("name: [unclosed", "not valid YAML"),
+    "unknown key": ({"name": "x", "model": "m", "experts": {"cuont": 4}}, "did you mean 'count'"),
+    "top_k > count": (
+        {"name": "x", "model": "m", "experts": {"count": 2, "top_k": 3}},
+        "top_k (3)",
+    ),
+    "wrong type": (
+        {"name": "x", "model": "m", "calibration": {"samples": "many"}},
+        "calibration.samples",
+    ),
+    "unknown strategy": ({"name": "x", "model": "m", "experts": {"strategy": "kmeans"}}, "known:"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECIPES)
+def test_bad_recipes_exit_2_and_write_nothing(case, tmp_path, capsys):
+    content, fragment = BAD_RECIPES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["convert", path, "--out", out], capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not out.exists()
+    code, _, err = run_cli(["validate", path], capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_unknown_key_names_the_yaml_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel: m\nexperts:\n  count: 4\n  shraed: 0.5\n")
+    code, _, err = run_cli(["validate", path], capsys)
+    assert_one_line_error(code, err, "bad.yaml:5", "experts.shraed", "did you mean 'shared'")
+
+
+def test_missing_model_path(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(tmp_path / "nowhere"))
+    code, _, err = run_cli(["convert", recipe, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import T5Config
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, vocab_size=32).save_pretrained(tmp_path / "t5")
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(tmp_path / "t5"))
+    code, _, err = run_cli(["convert", recipe, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "unsupported architecture 't5'", "llama")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoint_refused_unless_trusted(llama_dir, tmp_path, capsys):
+    pickled = tmp_path / "pickled"
+    save_checkpoint("llama", pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(tiny_model("llama").state_dict(), pickled / "pytorch_model.bin")
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(pickled))
+    code, _, err = run_cli(["convert", recipe, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "pickle", "--trust-pickle")
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run_cli(
+        ["convert", recipe, "--out", tmp_path / "out", "--trust-pickle", "--quiet"], capsys
+    )
+    assert code == 0 and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_corrupt_checkpoint(llama_dir, tmp_path, capsys):
+    broken = save_checkpoint("llama", tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(broken))
+    code, _, err = run_cli(["convert", recipe, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "cannot load the weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    """In a real process: --debug re-raises (without it, the tests above see one line)."""
+    path = write_recipe(tmp_path / "r.yaml", experts={"count": 2, "top_k": 3})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    debug = subprocess.run(
+        [sys.executable, "-m", "recast", "--debug", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_inspect_reports_experts(llama_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(llama_dir))
+    out = tmp_path / "out"
+    assert run_cli(["convert", recipe, "--out", out, "--quiet"], capsys)[0] == 0
+    code, stdout, _ = run_cli(["inspect", out, "--json"], capsys)
+    described = json.loads(stdout)
+    assert code == 0 and described["moe"]["experts"] == 4
+    assert described["params_active"] < described["params_total"]
+    assert all(
+        sum(layer["expert_widths"]) + layer["shared_width"] == 72
+        for layer in described["moe"]["layers"]
+    )
+    code, stdout, _ = run_cli(["inspect", llama_dir], capsys)
+    assert code == 0 and "dense model" in stdout
