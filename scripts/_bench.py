@@ -285,7 +285,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align
 
     def line(row: list[str]) -> str:
         return "  ".join(
-            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)
+            c.ljust(w) if a == "l" else c.rjust(w)
+            for c, w, a in zip(row, widths, align, strict=True)
         ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

@@ -95,6 +95,23 @@ BAD_RECIPES = {
         {"name": "x", "model": "m", "calibration": {"samples": "many"}},
         "calibration.samples",
     ),
+    "bad strategy option": (
+        {
+            "name": "x",
+            "model": "m",
+            "experts": {"strategy": "uniform", "options": {"order": "zigzag"}},
+        },
+        "'contiguous' or 'random'",
+    ),
+    "empty reservoir": (
+        {
+            "name": "x",
+            "model": "m",
+            "calibration": {"reservoir": 0},
+            "experts": {"strategy": "coactivation"},
+        },
+        "calibration.reservoir must be at least 2",
+    ),
     "unknown strategy": ({"name": "x", "model": "m", "experts": {"strategy": "kmeans"}}, "known:"),
 }
 

@@ -35,7 +35,9 @@ def _random_partition(width: int, shared: int, experts: int, rng: torch.Generato
     rest = perm[shared:]
     cuts = sorted(torch.randperm(len(rest) - 1, generator=rng)[: experts - 1].add(1).tolist())
     bounds = [0, *cuts, len(rest)]
-    return Partition(sorted(perm[:shared]), [sorted(rest[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)])
+    return Partition(
+        sorted(perm[:shared]), [sorted(rest[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    )
 
 
 @settings(max_examples=60, deadline=None)

@@ -101,7 +101,7 @@ def test_too_many_experts_for_the_width():
 
 
 def test_bad_options_and_missing_stats():
-    with pytest.raises(RecipeError, match="order"):
+    with pytest.raises(RecipeError, match="contiguous"):
         partition_layer("uniform", layer(), 4, 0.0, 0, {"order": "zigzag"})
     with pytest.raises(PartitionError, match="needs calibration"):
         partition_layer("cluster", LayerInput(0, torch.randn(20, 4), None), 4, 0.0, 0, {})

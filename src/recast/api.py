@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .models.families import family_for
-from .models.load import DenseModel, validate_layout
+from .models.load import DenseModel, tokenizer_for, validate_layout
 from .pipeline import build_moe, calibration_stats, partition_model
 from .recipe import load_recipe
 
@@ -29,8 +29,9 @@ def refactor(
 ) -> nn.Module:
     """Convert `model` in place into an MoE and return it.
 
-    `calibration` is a text source (see `recast.data`) or `{domain: source}`; `tokenizer` is
-    needed for strategies that calibrate. Settings are validated as a recipe would be.
+    `calibration` is a text source (see `recast.data`) or `{domain: source}`. Strategies that
+    calibrate need a tokenizer: `tokenizer`, else the one saved with `model.name_or_path`.
+    Settings are validated as a recipe would be.
     """
     family = family_for(model.config.model_type)
     validate_layout(model, family)
@@ -57,6 +58,8 @@ def refactor(
             "seed": seed,
         }
     )
+    if tokenizer is None and getattr(model, "name_or_path", ""):
+        tokenizer = tokenizer_for(model.name_or_path)
     dense = DenseModel(model.eval(), family, tokenizer, "<in-memory>")
     stats = calibration_stats(dense, recipe, progress)
     partition = partition_model(model, family, stats, recipe)

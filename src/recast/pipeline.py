@@ -18,6 +18,7 @@ from torch import nn
 
 from . import data
 from .atomic import atomic_directory, check_writable
+from .errors import ModelLoadError
 from .evaluate import (
     Report,
     count_parameters,
@@ -58,9 +59,10 @@ class ConversionResult:
 def sequences_for(dense: DenseModel, source: str, part: str, samples: int, seq_len: int, seed: int):
     """Token id sequences from `source` (its calibration or held-out evaluation part)."""
     if dense.tokenizer is None:
-        from .errors import ModelLoadError
-
-        raise ModelLoadError(f"{dense.source} has no tokenizer, which text calibration needs")
+        raise ModelLoadError(
+            f"{dense.source} has no tokenizer, which text calibration and evaluation need; "
+            f"save one next to the weights (or pass tokenizer= to recast.refactor)"
+        )
     docs = data.split_documents(data.load_documents(source), part)
     mode = "stream" if dense.family.causal_lm else "sentences"
     return data.token_sequences(
@@ -90,9 +92,8 @@ def calibration_stats(dense: DenseModel, recipe: Recipe, progress: bool) -> list
 
 
 def _needs_reservoir(recipe: Recipe) -> bool:
-    strategy = recipe.experts.strategy
-    features = recipe.experts.options.get("features", "activations")
-    return strategy == "coactivation" or (strategy == "cluster" and features == "activations")
+    chosen = STRATEGIES.get(recipe.experts.strategy)
+    return chosen.needs_reservoir(chosen.options(**recipe.experts.options))
 
 
 def _pad_id(dense: DenseModel) -> int:

@@ -121,6 +121,19 @@ class Recipe(Section):
         return name
 
     @model_validator(mode="after")
+    def _reservoir_for_strategy(self) -> Recipe:
+        chosen = STRATEGIES.get(self.experts.strategy)
+        if (
+            chosen.needs_reservoir(chosen.options(**self.experts.options))
+            and self.calibration.reservoir < 2
+        ):
+            raise ValueError(
+                f"strategy {self.experts.strategy!r} clusters sampled activations: "
+                f"calibration.reservoir must be at least 2 (default 1024)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _domains_match_experts(self) -> Recipe:
         if self.experts.strategy == "domain":
             domains = self.calibration.domains or {}

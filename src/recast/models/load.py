@@ -44,9 +44,14 @@ def resolve_source(spec: str) -> str:
         return str(path)
     if path.exists():
         raise ModelLoadError(f"model {spec!r} is a file; point model at the checkpoint directory")
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    # `owner/name` is a hub id, unless `owner` is a local directory (e.g. exported/tiny-lm).
+    looks_like_path = (
+        spec.startswith((".", "/", "~")) or spec.count("/") != 1 or path.parent.is_dir()
+    )
     if looks_like_path:
-        raise ModelLoadError(f"model path {spec!r} does not exist; check recipe key 'model'")
+        raise ModelLoadError(
+            f"model path {spec!r} does not exist; check recipe key 'model' (or build it first)"
+        )
     return spec
 
 
@@ -97,7 +102,7 @@ def load_dense(
     except Exception as exc:  # corrupt files surface as many types (SafetensorError, EOFError...)
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from exc
     validate_layout(model, family)
-    return DenseModel(model.eval(), family, _tokenizer(source), spec)
+    return DenseModel(model.eval(), family, tokenizer_for(source), spec)
 
 
 def validate_layout(model: nn.Module, family: Family) -> None:
@@ -106,7 +111,7 @@ def validate_layout(model: nn.Module, family: Family) -> None:
         dense_ffn(layer, family, i)
 
 
-def _tokenizer(source: str):
+def tokenizer_for(source: str):
     try:
         return transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):

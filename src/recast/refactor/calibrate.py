@@ -127,10 +127,13 @@ def calibrate(
     progress: bool = True,
 ) -> list[LayerStats]:
     """Per-layer statistics of the dense FFNs' intermediate activations over `domains`."""
-    generator = torch.Generator().manual_seed(seed)
-    downs = [dict(layer.named_modules())[family.down] for layer in layer_modules(model, family)]
+    downs = [layer.get_submodule(family.down) for layer in layer_modules(model, family)]
+    # Identically seeded reservoirs pick the same token positions in every layer, so reservoir
+    # row r is one token seen by all layers (what cross-layer expert alignment compares).
     accumulators = [
-        NeuronAccumulator(width, Reservoir(reservoir_size, width, generator))
+        NeuronAccumulator(
+            width, Reservoir(reservoir_size, width, torch.Generator().manual_seed(seed))
+        )
         for width in (_input_width(down, family) for down in downs)
     ]
     state: dict = {}

@@ -13,10 +13,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import networkx as nx
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from ..errors import FormatError, PartitionError, RecipeError
@@ -101,14 +102,21 @@ class Strategy:
     fn: Callable[[LayerInput, int, int, int, StrategyOptions], Partition]
     options: type[StrategyOptions]
     needs_stats: bool
+    # Given its options, does the strategy read the reservoir of token activation rows?
+    needs_reservoir: Callable[[StrategyOptions], bool] = lambda options: False
 
 
 STRATEGIES: Registry[Strategy] = Registry("partition strategy")
 
 
-def strategy(name: str, options: type[StrategyOptions] = StrategyOptions, needs_stats=True):
+def strategy(
+    name: str,
+    options: type[StrategyOptions] = StrategyOptions,
+    needs_stats: bool = True,
+    needs_reservoir: Callable[[StrategyOptions], bool] = lambda options: False,
+):
     def add(fn):
-        STRATEGIES.register(name)(Strategy(fn, options, needs_stats))
+        STRATEGIES.register(name)(Strategy(fn, options, needs_stats, needs_reservoir))
         return fn
 
     return add
@@ -151,7 +159,7 @@ def _chunks(ids: list[int], sizes: list[int]) -> list[list[int]]:
 
 
 class UniformOptions(StrategyOptions):
-    order: str = "contiguous"  # or "random" (seeded)
+    order: Literal["contiguous", "random"] = "contiguous"
 
 
 @strategy("uniform", UniformOptions, needs_stats=False)
@@ -161,8 +169,6 @@ def uniform(layer: LayerInput, count: int, n_shared: int, seed: int, opts: Unifo
     ids = list(range(width))
     if opts.order == "random":
         random.Random(seed * 1_000_003 + layer.index).shuffle(ids)
-    elif opts.order != "contiguous":
-        raise RecipeError(f"uniform order must be 'contiguous' or 'random', got {opts.order!r}")
     rest = ids[n_shared:]
     return Partition(sorted(ids[:n_shared]), _chunks(rest, split_sizes(len(rest), count)))
 
@@ -182,8 +188,10 @@ def importance_split(layer: LayerInput, count: int, n_shared: int, seed: int, op
 
 
 class ClusterOptions(StrategyOptions):
-    features: str = "activations"  # or "weights" (up-projection rows, LLaMA-MoE / MoEfication)
-    iterations: int = 25
+    # "activations": each neuron's activations on sampled tokens; "weights": its up (and gate)
+    # projection row (LLaMA-MoE, MoEfication).
+    features: Literal["activations", "weights"] = "activations"
+    iterations: int = Field(25, ge=1)
 
 
 def balanced_assign(cost: Tensor, sizes: list[int]) -> Tensor:
@@ -218,18 +226,14 @@ def balanced_kmeans(points: Tensor, sizes: list[int], seed: int, iterations: int
     return labels
 
 
-@strategy("cluster", ClusterOptions)
+@strategy("cluster", ClusterOptions, needs_reservoir=lambda o: o.features == "activations")
 def cluster(layer: LayerInput, count: int, n_shared: int, seed: int, opts: ClusterOptions):
     """Balanced k-means over neuron activation profiles or weight rows; shared = most active."""
     shared, rest = _split_by_importance(layer.stats, n_shared)
     if opts.features == "activations":
         points = layer.stats.reservoir.T[rest]  # each neuron's activations on sampled tokens
-    elif opts.features == "weights":
-        points = layer.up_rows[rest]
     else:
-        raise RecipeError(
-            f"cluster features must be 'activations' or 'weights', got {opts.features!r}"
-        )
+        points = layer.up_rows[rest]
     labels = balanced_kmeans(
         points, split_sizes(len(rest), count), seed + layer.index, opts.iterations
     )
@@ -240,8 +244,8 @@ def cluster(layer: LayerInput, count: int, n_shared: int, seed: int, opts: Clust
 
 
 class CoactivationOptions(StrategyOptions):
-    active_fraction: float = 0.1  # per token, the top fraction of neurons counts as active
-    neighbours: int = 16  # edges kept per neuron in the sparsified graph
+    active_fraction: float = Field(0.1, gt=0, le=1)  # per token, the top fraction counts as active
+    neighbours: int = Field(16, ge=1)  # edges kept per neuron in the sparsified graph
 
 
 def coactivation_graph(reservoir: Tensor, opts: CoactivationOptions) -> nx.Graph:
@@ -285,7 +289,7 @@ def bisect_into(graph: nx.Graph, nodes: list[int], sizes: list[int], seed: int) 
     )
 
 
-@strategy("coactivation", CoactivationOptions)
+@strategy("coactivation", CoactivationOptions, needs_reservoir=lambda o: True)
 def coactivation(layer: LayerInput, count: int, n_shared: int, seed: int, opts):
     """Balanced min-cut parts of the neuron co-activation graph (MoEfication, LLaMA-MoE)."""
     shared, rest = _split_by_importance(layer.stats, n_shared)
@@ -328,8 +332,17 @@ def partition_layer(
 ) -> Partition:
     """Run strategy `name` on one layer and check the result covers every neuron once."""
     chosen = STRATEGIES.get(name)
+    try:
+        opts = chosen.options(**options)
+    except ValidationError as exc:
+        raise RecipeError(f"bad options for strategy {name!r}: {exc.errors()[0]['msg']}") from None
     if chosen.needs_stats and layer.stats is None:
         raise PartitionError(f"strategy {name!r} needs calibration statistics")
+    if chosen.needs_reservoir(opts) and layer.stats.reservoir.shape[0] < 2:
+        raise PartitionError(
+            f"strategy {name!r} clusters sampled activations but the reservoir is empty; "
+            f"set calibration.reservoir above 1"
+        )
     width = layer.up_rows.shape[0]
     result = chosen.fn(
         layer, count, shared_count(width, shared, count), seed, chosen.options(**options)
