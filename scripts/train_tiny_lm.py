@@ -6,7 +6,7 @@ byte-level BPE tokenizer and a small Llama on the calibration part of every buil
 source, keeps the evaluation part held out, and writes a standard Hugging Face directory
 (config.json, model.safetensors, tokenizer files) plus training.json.
 
-    python scripts/train_tiny_lm.py                 # -> exported/tiny-lm
+    python scripts/train_tiny_lm.py                 # -> <repo>/exported/tiny-lm
     python scripts/train_tiny_lm.py --steps 100 --out /tmp/lm
 
 Other code gets the model with `ensure_tiny_lm()`, which builds it only when missing.
@@ -33,7 +33,7 @@ from recast.atomic import atomic_directory
 from recast.data import BUILTIN_SOURCES, load_documents, split_documents, token_sequences
 from recast.errors import OutputExistsError, RecastError
 
-DEFAULT_OUT = Path("exported/tiny-lm")
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "exported" / "tiny-lm"
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 HEAD_DIM = 64
 MAX_POSITIONS = 512

@@ -32,6 +32,13 @@ def test_generate_works_on_a_loaded_moe(tiny_moe, tmp_path):
     assert out.shape == (1, 9)
 
 
+def test_auto_from_pretrained_honours_dtype(tiny_moe, tmp_path):
+    _, moe, _ = tiny_moe("qwen2")
+    recast.save(moe, tmp_path / "m")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert loaded.model.layers[0].mlp.experts.up.dtype == torch.bfloat16
+
+
 def test_save_refuses_to_overwrite(tiny_moe, tmp_path):
     _, moe, _ = tiny_moe("llama")
     recast.save(moe, tmp_path / "m")

@@ -32,10 +32,11 @@ from .models.hf import MoEInfo, write_model
 from .models.load import DenseModel, load_dense
 from .models.surgery import dense_ffn, layer_modules
 from .recipe import Recipe, load_recipe
-from .refactor.build import activation_of, convert_layers, moe_layers
+from .refactor.build import activation_of, attach_routers, convert_layers, moe_layers
 from .refactor.calibrate import LayerStats, calibrate
 from .refactor.partition import STRATEGIES, LayerInput, ModelPartition, partition_layer
 from .routers import ROUTERS
+from .routers.train import TrainSettings, oracle_routing, routing_quality, train_routers
 
 log = logging.getLogger("recast")
 
@@ -70,21 +71,35 @@ def sequences_for(dense: DenseModel, source: str, part: str, samples: int, seq_l
     )
 
 
-def calibration_stats(dense: DenseModel, recipe: Recipe, progress: bool) -> list[LayerStats] | None:
+def calibration_sequences(dense: DenseModel, recipe: Recipe) -> dict[str, list[list[int]]]:
+    """Calibration token sequences per domain (one domain, `default`, unless domains are set)."""
     cal = recipe.calibration
-    if not STRATEGIES.get(recipe.experts.strategy).needs_stats:
-        return None
     sources = cal.domains or {"default": cal.data}
-    per_domain = {
+    return {
         name: sequences_for(dense, source, "calibration", cal.samples, cal.seq_len, recipe.seed)
         for name, source in sources.items()
     }
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether the partition or the router needs calibration text."""
+    return (
+        STRATEGIES.get(recipe.experts.strategy).needs_stats
+        or ROUTERS.get(recipe.router.kind).trainable
+    )
+
+
+def calibration_stats(
+    dense: DenseModel, recipe: Recipe, sequences: dict[str, list[list[int]]], progress: bool
+) -> list[LayerStats] | None:
+    if not STRATEGIES.get(recipe.experts.strategy).needs_stats:
+        return None
     return calibrate(
         dense.model,
         dense.family,
-        per_domain,
-        batch_size=cal.batch_size,
-        reservoir_size=cal.reservoir if _needs_reservoir(recipe) else 0,
+        sequences,
+        batch_size=recipe.calibration.batch_size,
+        reservoir_size=recipe.calibration.reservoir if _needs_reservoir(recipe) else 0,
         seed=recipe.seed,
         pad_id=_pad_id(dense),
         progress=progress,
@@ -123,33 +138,48 @@ def partition_model(
 
 
 def build_moe(dense: DenseModel, partition: ModelPartition, recipe: Recipe) -> nn.Module:
-    """Convert `dense.model` in place into an MoE model and attach its `MoEInfo`."""
-    e = recipe.experts
-    router_cls = ROUTERS.get(recipe.router.kind)
+    """Convert `dense.model` in place into an MoE model with its router and `MoEInfo`."""
+    e, r = recipe.experts, recipe.router
     model, family = dense.model, dense.family
     activation = activation_of(model, family)
     bias = dense_ffn(layer_modules(model, family)[0], family, 0).up_bias is not None
-    convert_layers(
-        model,
-        family,
-        partition.layers,
-        lambda i: router_cls(e.count, e.top_k, e.combine),
-        e.combine,
-    )
+    convert_layers(model, family, partition.layers, e.combine)
     layers = moe_layers(model)
     model.recast = MoEInfo(
         family=family.name,
         num_experts=e.count,
         top_k=e.top_k,
         combine=e.combine,
-        router=recipe.router.kind,
+        router={"kind": "all"},
         expert_widths=[m.experts.width for m in layers],
         shared_widths=[0 if m.shared is None else m.shared.width for m in layers],
         activation=activation,
         bias=bias,
         partition=partition,
     )
+    attach_routers(model, r.kind, e.top_k, e.combine, r.options)  # records the router in MoEInfo
     return model
+
+
+def train_router(
+    model: nn.Module,
+    recipe: Recipe,
+    sequences: dict[str, list[list[int]]],
+    pad_id: int,
+    progress: bool,
+) -> list[float]:
+    """Fit a trainable router to the dense oracle on the calibration text (all domains)."""
+    r = recipe.router
+    settings = TrainSettings(
+        steps=r.steps,
+        lr=r.lr,
+        batch_size=r.batch_size,
+        soft_weight=r.soft_weight,
+        label_smoothing=r.label_smoothing,
+        seed=recipe.seed,
+    )
+    pooled = [seq for domain in sequences.values() for seq in domain]
+    return train_routers(model, pooled, settings, pad_id, progress)
 
 
 class Evaluator:
@@ -176,23 +206,44 @@ class Evaluator:
             return lm_outputs(model, self.sequences, self.batch, self.pad_id)
         return embeddings(model, self.sequences, self.batch, self.pad_id)
 
-    def metrics(self, moe: nn.Module, family: Family) -> dict:
+    def fidelity(self, moe: nn.Module) -> dict:
+        outputs = self._outputs(moe)
+        if self.causal:
+            return lm_metrics(self.reference, outputs)
+        return embedding_metrics(self.reference, outputs)
+
+    def metrics(self, moe: nn.Module, family: Family, router_kind: str) -> dict:
         count = count_parameters(moe, family)
         result = {
             "params_total": count.total,
             "params_active": count.active,
             "dense_params": self.dense_count.total,
             "active_ffn_fraction": count.active_ffn_fraction,
+            "router_params": count.router,
+            "router_cost_share": count.router / count.active,
         }
-        if self.enabled:
-            outputs = self._outputs(moe)
-            scores = (
-                lm_metrics(self.reference, outputs)
-                if self.causal
-                else embedding_metrics(self.reference, outputs)
-            )
-            result = {**scores, **result}
-        return result
+        if not self.enabled:
+            return result
+        scores = self.fidelity(moe)
+        if router_kind not in ("oracle", "all"):
+            # The same experts chosen by the per-layer oracle: the router's upper bound.
+            with oracle_routing(moe):
+                oracle = self.fidelity(moe)
+            scores.update({f"oracle_{k}": v for k, v in oracle.items() if k in ORACLE_KEYS})
+        return {**scores, **result}
+
+    def routing(self, moe: nn.Module) -> dict:
+        """Router recall against the per-layer oracle, load balance, oracle agreement."""
+        return routing_quality(moe, self.sequences, self.batch, self.pad_id)
+
+
+ORACLE_KEYS = (
+    "moe_perplexity",
+    "perplexity_ratio",
+    "top1_agreement",
+    "cosine_mean",
+    "similarity_spearman",
+)
 
 
 def peak_rss_mb() -> float:
@@ -219,11 +270,9 @@ def convert(
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
     dense = load_dense(recipe.model, trust_pickle=trust_pickle)
-    log.info(
-        "calibrating on %s",
-        ", ".join((recipe.calibration.domains or {"": recipe.calibration.data}).values()),
-    )
-    stats = calibration_stats(dense, recipe, progress)
+    sequences = calibration_sequences(dense, recipe) if needs_calibration(recipe) else {}
+    log.info("calibrating on %d sequences", sum(len(s) for s in sequences.values()))
+    stats = calibration_stats(dense, recipe, sequences, progress)
     log.info(
         "partitioning %d layers with %r",
         len(layer_modules(dense.model, dense.family)),
@@ -234,9 +283,18 @@ def convert(
     evaluator = Evaluator(dense, recipe)
     log.info("building the MoE layers")
     model = build_moe(dense, partition, recipe)
+    router_losses = []
+    if ROUTERS.get(recipe.router.kind).trainable:
+        log.info("training the %s router on the dense oracle", recipe.router.kind)
+        router_losses = train_router(model, recipe, sequences, _pad_id(dense), progress)
     conversion_seconds = time.perf_counter() - started
     log.info("evaluating")
-    metrics = evaluator.metrics(model, dense.family)
+    metrics = evaluator.metrics(model, dense.family, recipe.router.kind)
+    if router_losses:
+        metrics["router_loss_first"], metrics["router_loss_last"] = (
+            router_losses[0],
+            router_losses[-1],
+        )
     metrics["conversion_seconds"] = conversion_seconds
     metrics["peak_rss_mb"] = peak_rss_mb()
     report = Report(
@@ -246,6 +304,7 @@ def convert(
         experts=recipe.experts.model_dump(),
         router=recipe.router.kind,
         metrics=metrics,
+        routing=evaluator.routing(model) if evaluator.enabled else {},
         notes=_notes(recipe),
     )
     result = ConversionResult(model, partition, report, recipe, None, dense.tokenizer)

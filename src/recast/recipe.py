@@ -81,12 +81,48 @@ class ExpertsSpec(Section):
 
 
 class RouterSpec(Section):
+    """Which router picks the experts, its kind's settings, and how it is trained.
+
+    Keys beyond the ones below are the kind's own options (e.g. `width` for `pregate`),
+    checked against that kind's schema.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
     kind: str = "oracle"
+    steps: int = Field(200, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    soft_weight: float = Field(0.25, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
 
     @field_validator("kind")
     @classmethod
     def _known_router(cls, kind: str) -> str:
         return _registered(ROUTERS, kind)
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> RouterSpec:
+        schema = ROUTERS.get(self.kind).Options
+        try:
+            schema(**self.options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            known = [*RouterSpec.model_fields, *schema.model_fields]
+            hint = did_you_mean(key, known) if first["type"] == "extra_forbidden" else ""
+            message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            where = f"{key}: " if key else ""
+            raise ValueError(
+                f"{where}{message.removeprefix('Value error, ')}{hint} for router {self.kind!r} "
+                f"(its options: {', '.join(schema.model_fields) or 'none'})"
+            ) from None
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The kind's own options (the keys that are not common router settings)."""
+        return dict(self.model_extra or {})
 
 
 class EvaluateSpec(Section):

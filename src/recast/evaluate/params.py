@@ -17,6 +17,7 @@ class ParamCount:
     active: int  # per token: shared parts + the top-k experts' (unpadded) neurons
     ffn_total: int
     ffn_active: int
+    router: int = 0  # parameters of the routers (per-layer gates or the pre-gating network)
 
     @property
     def active_ffn_fraction(self) -> float:
@@ -48,15 +49,17 @@ def count_parameters(model: nn.Module, family: Family) -> ParamCount:
     moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
     if moes:
         counts = [moe_count(m) for m in moes]
-        padding = (
-            sum(p.numel() for m in moes for p in m.parameters())
-            - sum(c[0] for c in counts)
-            - sum(p.numel() for m in moes for p in m.router.parameters())
-        )
         ffn_total = sum(c[0] for c in counts)
         ffn_active = sum(c[1] for c in counts)
-        total -= padding
-        return ParamCount(total, total - ffn_total + ffn_active, ffn_total, ffn_active)
+        routers = sum(p.numel() for m in moes for p in m.router.parameters())
+        pregate = getattr(model, "recast_router", None)
+        routers += 0 if pregate is None else sum(p.numel() for p in pregate.parameters())
+        stored_ffn = sum(p.numel() for m in moes for p in m.parameters()) - sum(
+            p.numel() for m in moes for p in m.router.parameters()
+        )
+        total -= stored_ffn - ffn_total  # padding neurons are storage, not parameters
+        active = total - ffn_total + ffn_active
+        return ParamCount(total, active, ffn_total, ffn_active, routers)
     ffn_total = 0
     for i, layer in enumerate(layer_modules(model, family)):
         ffn = dense_ffn(layer, family, i)

@@ -10,17 +10,22 @@ _ROWS = [
     ("dense_perplexity", "dense perplexity", "{:.3f}"),
     ("moe_perplexity", "MoE perplexity", "{:.3f}"),
     ("perplexity_ratio", "perplexity ratio (MoE / dense)", "{:.4f}"),
+    ("oracle_perplexity_ratio", "  with the oracle router", "{:.4f}"),
     ("top1_agreement", "next-token top-1 agreement", "{:.2%}"),
     ("mean_kl", "mean KL(dense || MoE)", "{:.4f}"),
     ("eval_tokens", "evaluation tokens", "{:,}"),
     ("cosine_mean", "embedding cosine (mean)", "{:.4f}"),
+    ("oracle_cosine_mean", "  with the oracle router", "{:.4f}"),
     ("cosine_min", "embedding cosine (min)", "{:.4f}"),
     ("similarity_spearman", "Spearman of pairwise similarities", "{:.4f}"),
+    ("oracle_similarity_spearman", "  with the oracle router", "{:.4f}"),
     ("eval_sentences", "evaluation sentences", "{:,}"),
     ("params_total", "parameters (total)", "{:,}"),
     ("params_active", "parameters active per token", "{:,}"),
     ("dense_params", "dense parameters", "{:,}"),
     ("active_ffn_fraction", "active FFN fraction", "{:.3f}"),
+    ("router_params", "router parameters", "{:,}"),
+    ("router_cost_share", "router share of active parameters", "{:.2%}"),
     ("conversion_seconds", "conversion time (s)", "{:.1f}"),
     ("peak_rss_mb", "peak memory (RSS, MiB)", "{:,.0f}"),
 ]
@@ -34,6 +39,7 @@ class Report:
     experts: dict
     router: str
     metrics: dict[str, float] = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -44,6 +50,7 @@ class Report:
             "experts": self.experts,
             "router": self.router,
             "metrics": self.metrics,
+            "routing": self.routing,
             "notes": self.notes,
         }
 
@@ -64,6 +71,13 @@ class Report:
         width = max(len(label) for label, _ in rows)
         lines = [title, "-" * len(title)]
         lines += [f"{label:<{width}}  {value:>14}" for label, value in rows]
+        if self.routing:
+            r = self.routing
+            lines.append(f"{'router recall vs oracle (mean)':<{width}}  {r['mean_recall']:>14.3f}")
+            lines.append(f"{'expert load CV (mean)':<{width}}  {r['mean_load_cv']:>14.3f}")
+            lines.append(
+                f"{'oracle top-1 agreement across layers':<{width}}  {r['oracle_top1_agreement']:>14.3f}"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -21,9 +21,10 @@ from transformers.initialization import no_init_weights
 
 from ..atomic import atomic_directory
 from ..errors import FormatError
+from ..refactor.build import attach_routers
 from ..refactor.moe import ExpertBank, MoEFFN
 from ..refactor.partition import ModelPartition
-from ..routers.base import ROUTERS
+from ..routers.oracle import AllRouter
 from .families import Family, family_for
 from .surgery import layer_modules, replace_module
 
@@ -39,7 +40,7 @@ class MoEInfo:
     num_experts: int
     top_k: int
     combine: str
-    router: str
+    router: dict  # {"kind": ..., **that kind's options}
     expert_widths: list[int]  # stacked (padded) width per layer
     shared_widths: list[int]  # 0 where a layer has no shared expert
     activation: str
@@ -62,7 +63,15 @@ class RecastMoEConfig(transformers.PretrainedConfig):
 
 
 def _load_from_dir(cls, pretrained_model_name_or_path, *args, **kwargs):
-    return load(pretrained_model_name_or_path)
+    """`from_pretrained` for the Auto classes; honours `dtype` and a single-device `device_map`."""
+    model = load(pretrained_model_name_or_path)
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if dtype not in (None, "auto"):
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    device = kwargs.get("device_map")
+    if isinstance(device, (str, torch.device)) and device != "auto":
+        model = model.to(device)
+    return model
 
 
 class RecastMoEForCausalLM(transformers.PreTrainedModel):
@@ -134,12 +143,13 @@ def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
         if info.shared_widths[i]:
             shared = ExpertBank(1, info.shared_widths[i], hidden, info.activation, gated, biased)
         down_bias = torch.zeros(hidden) if biased else None
-        router = ROUTERS.get(info.router)(info.num_experts, info.top_k, info.combine)
-        replace_module(
-            layer, family.ffn, MoEFFN(experts, shared, down_bias, router, info.combine, i)
-        )
+        placeholder = AllRouter(info.num_experts)
+        moe = MoEFFN(experts, shared, down_bias, placeholder, info.combine, i)
+        replace_module(layer, family.ffn, moe)
         for path in family.identity:
             replace_module(layer, path, nn.Identity())
+    options = {k: v for k, v in info.router.items() if k != "kind"}
+    attach_routers(model, info.router["kind"], info.top_k, info.combine, options, initialize=False)
 
 
 def load(directory: str | Path) -> nn.Module:

@@ -7,14 +7,13 @@ layer's FFN (never a second full copy).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from ..models.families import Family
 from ..models.surgery import DenseFFN, dense_ffn, layer_modules, replace_module
-from ..routers.base import Router
+from ..routers import ROUTERS, Router
+from ..routers.oracle import AllRouter
 from .moe import ExpertBank, MoEFFN
 from .partition import Partition
 
@@ -62,13 +61,12 @@ def activation_of(model: nn.Module, family: Family) -> str:
 
 
 def convert_layers(
-    model: nn.Module,
-    family: Family,
-    partitions: list[Partition],
-    make_router: Callable[[int], Router],
-    combine: str,
+    model: nn.Module, family: Family, partitions: list[Partition], combine: str
 ) -> list[str]:
-    """Replace every layer's FFN by an MoE layer; returns the replaced module paths."""
+    """Replace every layer's FFN by an MoE layer; returns the replaced module paths.
+
+    Layers start with the `all` router (the exact refactor); `attach_routers` sets the real one.
+    """
     layers = layer_modules(model, family)
     # Check every layer before touching any.
     ffns_ok = [dense_ffn(layer, family, i) for i, layer in enumerate(layers)]
@@ -81,7 +79,12 @@ def convert_layers(
     replaced = []
     for i, layer in enumerate(layers):
         moe = moe_from_dense(
-            dense_ffn(layer, family, i), partitions[i], activation, make_router(i), combine, i
+            dense_ffn(layer, family, i),
+            partitions[i],
+            activation,
+            AllRouter(len(partitions[i].experts)),
+            combine,
+            i,
         )
         replace_module(layer, family.ffn, moe)
         for path in family.identity:
@@ -92,3 +95,19 @@ def convert_layers(
 
 def moe_layers(model: nn.Module) -> list[MoEFFN]:
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
+
+
+def attach_routers(
+    model: nn.Module, kind: str, top_k: int, combine: str, options: dict, initialize: bool = True
+) -> None:
+    """Give every MoE layer of `model` a router of `kind` (see `recast.routers`), and record
+    it in the model's `MoEInfo` so that saving writes what the model really does."""
+    router_cls = ROUTERS.get(kind)
+    layers = moe_layers(model)
+    router_cls.attach(model, layers, top_k, combine, router_cls.Options(**options), initialize)
+    for layer in layers:
+        layer.combine = combine
+    info = getattr(model, "recast", None)
+    if info is not None:
+        info.router = {"kind": kind, **options}
+        info.top_k, info.combine = layers[0].router.top_k, combine

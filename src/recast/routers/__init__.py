@@ -1,6 +1,7 @@
-"""Routers: which experts each token uses. Importing this package registers every router."""
+"""Routers: which experts each token uses. Importing this package registers every kind:
+`all` and `oracle` (references), `layer` (per-layer gates), `pregate` (Read-ME)."""
 
-from . import oracle  # noqa: F401  (registers `all` and `oracle`)
-from .base import ROUTERS, Router, Routing
+from . import layer, oracle, pregate  # noqa: F401  (registration)
+from .base import ROUTERS, Router, RouterOptions, Routing
 
-__all__ = ["ROUTERS", "Router", "Routing"]
+__all__ = ["ROUTERS", "Router", "RouterOptions", "Routing"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from ..errors import RoutingError
@@ -23,21 +24,47 @@ class Routing:
     weights: Tensor | None = None
 
 
+class RouterOptions(BaseModel):
+    """Settings of one router kind (the extra keys of the recipe's `router` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Router(nn.Module):
     """Maps one MoE layer's input tokens `[T, H]` to a `Routing`.
 
     `top_k` is how many routed experts each token uses; `combine` decides the weights: `sum`
     gives none (each selected expert counts fully, the exact refactor), `softmax` gives
     Mixtral-style weights (softmax over the selected experts' scores).
+
+    A kind's `attach` gives every MoE layer of a model its router; the default makes one
+    router per layer with no settings. Kinds that learn (`trainable`) expose `scores`, the
+    per-token expert logits that router training fits to the oracle.
     """
 
     kind: ClassVar[str]
+    Options: ClassVar[type[RouterOptions]] = RouterOptions
+    trainable: ClassVar[bool] = False
 
     def __init__(self, num_experts: int, top_k: int, combine: str):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise RoutingError(f"top_k must be between 1 and {num_experts}, got {top_k}")
         self.num_experts, self.top_k, self.combine = num_experts, top_k, combine
+
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        moes: list[MoEFFN],
+        top_k: int,
+        combine: str,
+        options: RouterOptions,
+        initialize: bool = True,
+    ) -> None:
+        """Give each MoE layer its router; `initialize=False` when weights will be loaded."""
+        for moe in moes:
+            moe.router = cls(moe.num_experts, top_k, combine)
 
     def forward(self, hidden: Tensor, moe: MoEFFN) -> Routing:
         raise NotImplementedError

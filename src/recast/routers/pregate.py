@@ -1,0 +1,158 @@
+"""The decoupled pre-gating router (Read-ME): one small causal transformer over token ids.
+
+It sees only the token ids, runs before the backbone, and its one decision per token serves
+every MoE layer, so a runtime knows all the experts a batch needs before the first layer runs.
+Its embedding table starts as a projection of the backbone's embeddings onto their principal
+directions, so it begins with the backbone's notion of which tokens are alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..errors import RoutingError
+from .base import ROUTERS, Router, RouterOptions, Routing
+
+
+class PregateOptions(RouterOptions):
+    width: int = Field(128, ge=8)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PregateOptions:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+def sinusoidal_positions(length: int, width: int) -> Tensor:
+    """Fixed position encodings, so the router takes sequences of any length."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(
+        torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width)
+    )
+    encoding = torch.zeros(length, width)
+    encoding[:, 0::2] = torch.sin(position * frequency)
+    encoding[:, 1::2] = torch.cos(position * frequency[: width // 2])
+    return encoding
+
+
+class PregateNetwork(nn.Module):
+    """Token ids `[B, T]` -> expert logits `[B, T, E]`, causally (position t sees tokens <= t)."""
+
+    def __init__(
+        self, vocab_size: int, num_experts: int, top_k: int, combine: str, options: PregateOptions
+    ):
+        super().__init__()
+        self.vocab_size, self.num_experts, self.top_k, self.combine = (
+            vocab_size,
+            num_experts,
+            top_k,
+            combine,
+        )
+        self.width = options.width
+        self.embed = nn.Embedding(vocab_size, options.width)
+        layer = nn.TransformerEncoderLayer(
+            options.width,
+            options.heads,
+            4 * options.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, options.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(options.width)
+        self.head = nn.Linear(options.width, num_experts)
+        self.plan: Routing | None = None  # the routing of the backbone's current forward
+        self.history: Tensor | None = None  # token ids seen so far while generating
+
+    @torch.no_grad()
+    def init_from_embeddings(self, embeddings: Tensor) -> None:
+        """Project the backbone's embedding table onto its top principal directions."""
+        centered = embeddings.float() - embeddings.float().mean(0)
+        q = min(self.width, *centered.shape)
+        _, _, directions = torch.pca_lowrank(centered, q=q, center=False)
+        projected = centered @ directions
+        projected = projected / projected.std().clamp(min=1e-6)
+        self.embed.weight.normal_(0, 0.02)
+        self.embed.weight[:, :q] = projected
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+            raise RoutingError(
+                f"token id {int(input_ids.max())} is outside the router's vocabulary of "
+                f"{self.vocab_size}; use the tokenizer the model was converted with"
+            )
+        length = input_ids.shape[1]
+        x = self.embed(input_ids) + sinusoidal_positions(length, self.width).to(self.embed.weight)
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device)
+        x = self.blocks(x, mask=causal, is_causal=True)
+        return self.head(self.norm(x))
+
+    def select(self, logits: Tensor) -> Routing:
+        values, indices = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(values, dim=-1) if self.combine == "softmax" else None
+        return Routing(indices, weights)
+
+    def plan_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the backbone: route every token once, before any layer runs.
+
+        While generating with a KV cache the backbone sees only new tokens, so the ids seen
+        so far are kept and the router (which is causal) reruns on the whole prefix.
+        """
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            self.plan = None
+            return
+        past = kwargs.get("past_key_values")
+        cached = (
+            past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        )
+        if cached and self.history is not None and self.history.shape[0] == ids.shape[0]:
+            ids_so_far = torch.cat([self.history, ids], dim=1)
+        else:
+            ids_so_far = ids
+        self.history = ids_so_far.detach()
+        logits = self(ids_so_far)[:, -ids.shape[1] :]
+        self.plan = self.select(logits.reshape(-1, self.num_experts))
+
+
+@ROUTERS.register("pregate")
+class PregateRouter(Router):
+    """One MoE layer's view of the shared pre-gating decision."""
+
+    kind = "pregate"
+    Options = PregateOptions
+    trainable = True
+
+    def __init__(self, num_experts: int, top_k: int, combine: str, network: PregateNetwork):
+        super().__init__(num_experts, top_k, combine)
+        # A plain attribute, not a submodule: the network is registered once, on the model.
+        object.__setattr__(self, "network", network)
+
+    @classmethod
+    def attach(cls, model, moes, top_k, combine, options: PregateOptions, initialize=True):
+        network = PregateNetwork(
+            model.config.vocab_size, moes[0].num_experts, top_k, combine, options
+        )
+        if initialize:
+            network.init_from_embeddings(model.get_input_embeddings().weight)
+        model.add_module("recast_router", network)
+        model.base_model.register_forward_pre_hook(network.plan_hook, with_kwargs=True)
+        for moe in moes:
+            moe.router = cls(moe.num_experts, top_k, combine, network)
+
+    def forward(self, hidden: Tensor, moe) -> Routing:
+        plan = self.network.plan
+        if plan is None or plan.indices.shape[0] != hidden.shape[0]:
+            raise RoutingError(
+                "the pre-gating router needs input_ids: call the model with input_ids "
+                "(not inputs_embeds) so experts are chosen before the backbone runs"
+            )
+        return plan

@@ -1,0 +1,222 @@
+"""Router training on oracle labels from the dense model, and the routing quality report.
+
+The oracle of a layer is each expert's activation mass (sum of |h| over its neurons) on a
+token, computed with every expert active, which is exactly the dense FFN. Routers fit it with
+Read-ME's loss: cross-entropy on the oracle's top-k (label smoothed) plus a soft-target term
+on the normalised masses; the pre-gating router, shared by all layers, sums that loss over
+layers and so learns the decision that best serves all of them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..refactor.calibrate import padded_batches
+from ..refactor.moe import MoEFFN
+from .oracle import AllRouter, OracleRouter
+from .pregate import PregateNetwork
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 8
+    soft_weight: float = 0.25
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class OracleBatch:
+    """One batch's real tokens: ids, and per layer the MoE input and the expert masses."""
+
+    ids: Tensor  # [B, T] (padded)
+    mask: Tensor  # [B, T] bool
+    hidden: list[Tensor]  # per layer [N, H], N = real tokens
+    mass: list[Tensor]  # per layer [N, E]
+
+
+def _moes(model: nn.Module) -> list[MoEFFN]:
+    return [m for m in model.modules() if isinstance(m, MoEFFN)]
+
+
+@contextmanager
+def _swapped_routers(model: nn.Module, make_router, combine: str | None = None) -> Iterator[None]:
+    moes = _moes(model)
+    saved = [(m.router, m.combine) for m in moes]
+    try:
+        for m in moes:
+            m.router, m.combine = make_router(m), combine or m.combine
+        yield
+    finally:
+        for m, (router, old_combine) in zip(moes, saved, strict=True):
+            m.router, m.combine = router, old_combine
+
+
+def dense_routing(model: nn.Module):
+    """Every expert active with `combine: sum`: the model computes exactly the dense function."""
+    return _swapped_routers(model, lambda m: AllRouter(m.num_experts), combine="sum")
+
+
+def oracle_routing(model: nn.Module):
+    """The per-layer oracle in place of the model's router, same top-k and combine."""
+    return _swapped_routers(model, lambda m: OracleRouter(m.num_experts, m.router.top_k, m.combine))
+
+
+@torch.no_grad()
+def oracle_batch(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> OracleBatch:
+    moes = _moes(model)
+    keep = attention_mask.reshape(-1).bool()
+    hidden: list[Tensor] = [None] * len(moes)
+
+    def capture(index):
+        def hook(module, args):
+            hidden[index] = args[0].reshape(-1, args[0].shape[-1])[keep]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(i)) for i, m in enumerate(moes)]
+    try:
+        with dense_routing(model):
+            model.base_model(input_ids=ids, attention_mask=attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    mass = [m.experts.all_activations(h).abs().sum(-1).T for m, h in zip(moes, hidden, strict=True)]
+    return OracleBatch(ids, attention_mask.bool(), hidden, mass)
+
+
+def router_loss(logits: Tensor, mass: Tensor, top_k: int, settings: TrainSettings) -> Tensor:
+    """Read-ME's router loss: (1 - w) x smoothed CE on the oracle top-k + w x soft CE."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    hard = torch.zeros_like(logits).scatter_(1, mass.topk(top_k, dim=-1).indices, 1.0 / top_k)
+    eps = settings.label_smoothing
+    hard = hard * (1 - eps) + eps / logits.shape[-1]
+    soft = mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
+    w = settings.soft_weight
+    return -((1 - w) * (hard * log_probs).sum(-1) + w * (soft * log_probs).sum(-1)).mean()
+
+
+def _pregate(model: nn.Module) -> PregateNetwork | None:
+    network = getattr(model, "recast_router", None)
+    return network if isinstance(network, PregateNetwork) else None
+
+
+def router_logits(model: nn.Module, batch: OracleBatch) -> list[Tensor]:
+    """Each layer's router logits on the batch's real tokens (one shared tensor for pregate)."""
+    network = _pregate(model)
+    if network is not None:
+        shared = network(batch.ids)[batch.mask]
+        return [shared] * len(batch.mass)
+    return [m.router.scores(h) for m, h in zip(_moes(model), batch.hidden, strict=True)]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    network = _pregate(model)
+    if network is not None:
+        return list(network.parameters())
+    return [p for m in _moes(model) if m.router.trainable for p in m.router.parameters()]
+
+
+def train_routers(
+    model: nn.Module,
+    sequences: list[list[int]],
+    settings: TrainSettings,
+    pad_id: int,
+    progress: bool = True,
+) -> list[float]:
+    """Fit the model's routers to the dense oracle; returns the loss curve."""
+    params = trainable_parameters(model)
+    if not params:
+        return []
+    top_k = _moes(model)[0].router.top_k
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
+    order = random.Random(settings.seed)
+    batches = list(padded_batches(sequences, settings.batch_size, pad_id))
+    losses = []
+    was_training = model.training
+    model.eval()  # no dropout in the backbone that produces the labels
+    with tqdm(range(settings.steps), desc="train router", disable=not progress) as bar:
+        for _ in bar:
+            ids, mask = batches[order.randrange(len(batches))]
+            batch = oracle_batch(model, ids, mask)
+            with torch.enable_grad():
+                loss = sum(
+                    router_loss(logits, mass, top_k, settings)
+                    for logits, mass in zip(router_logits(model, batch), batch.mass, strict=True)
+                ) / len(batch.mass)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.train(was_training)
+    return losses
+
+
+@torch.no_grad()
+def routing_quality(
+    model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
+) -> dict:
+    """Per layer: top-k recall against the oracle and load balance; plus the oracle's own
+    cross-layer agreement (how well any single shared decision could do)."""
+    moes = _moes(model)
+    top_k, num_experts = moes[0].router.top_k, moes[0].num_experts
+    hits = torch.zeros(len(moes))
+    load = torch.zeros(len(moes), num_experts)
+    consensus_hits = torch.zeros(len(moes))
+    agreement = torch.zeros(len(moes), len(moes))
+    tokens = 0
+    for ids, mask in padded_batches(sequences, batch_size, pad_id):
+        batch = oracle_batch(model, ids, mask)
+        oracle_top = [m.topk(top_k, dim=-1).indices for m in batch.mass]
+        chosen = _chosen_experts(model, batch)
+        # The best single decision for all layers: top-k of the summed normalised masses.
+        normalised = sum(m / m.sum(-1, keepdim=True).clamp(min=1e-12) for m in batch.mass)
+        consensus = normalised.topk(top_k, dim=-1).indices
+        first = [t[:, 0] for t in oracle_top]
+        for layer, (truth, picked) in enumerate(zip(oracle_top, chosen, strict=True)):
+            hits[layer] += _overlap(picked, truth)
+            consensus_hits[layer] += _overlap(consensus, truth)
+            load[layer] += torch.bincount(picked.reshape(-1), minlength=num_experts).float()
+            for other in range(len(moes)):
+                agreement[layer, other] += (first[layer] == first[other]).sum()
+        tokens += int(mask.sum())
+    recall = hits / (tokens * top_k)
+    cv = load.std(dim=1, correction=0) / load.mean(dim=1)
+    off_diagonal = ~torch.eye(len(moes), dtype=torch.bool)
+    pairwise = (agreement / tokens)[off_diagonal].mean() if len(moes) > 1 else torch.tensor(1.0)
+    return {
+        "recall": [round(float(r), 4) for r in recall],
+        "load_cv": [round(float(c), 4) for c in cv],
+        "expert_load": [[int(x) for x in row] for row in load],
+        "oracle_consensus_recall": [round(float(r), 4) for r in consensus_hits / (tokens * top_k)],
+        "oracle_top1_agreement": round(float(pairwise), 4),
+        "mean_recall": round(float(recall.mean()), 4),
+        "mean_load_cv": round(float(cv.mean()), 4),
+        "tokens": tokens,
+    }
+
+
+def _chosen_experts(model: nn.Module, batch: OracleBatch) -> list[Tensor]:
+    """What each layer's own router picks for the batch's real tokens."""
+    network = _pregate(model)
+    if network is not None:
+        picked = network.select(network(batch.ids)[batch.mask]).indices
+        return [picked] * len(batch.mass)
+    return [m.router(h, m).indices for m, h in zip(_moes(model), batch.hidden, strict=True)]
+
+
+def _overlap(picked: Tensor, truth: Tensor) -> float:
+    """How many of the oracle's top-k the router also picked, summed over tokens."""
+    return float((picked[:, :, None] == truth[:, None, :]).any(-1).sum())
