@@ -390,7 +390,8 @@ def draw(results: list[dict], path: Path) -> Path | None:
             + TARGET_FACTOR * r["checkpoint_bytes"]
             + r["activation_bytes_one_batch"]
         ) / MB
-        ax.axhline(ckpt, color="black", linewidth=1, label=f"checkpoint ({ckpt:.0f} MB)")
+        floor = (r["import_rss"] + r["checkpoint_bytes"]) / MB  # holding the weights, no more
+        ax.axhline(floor, color="black", linewidth=1, label=f"import + checkpoint ({ckpt:.0f} MB)")
         ax.axhline(
             budget,
             color="red",
@@ -398,7 +399,10 @@ def draw(results: list[dict], path: Path) -> Path | None:
             linewidth=1,
             label="target: import + 1.5 ckpt + act",
         )
-        ax.set_title(f"{r['case']}\n{r['convert_seconds']:.0f} s to convert", fontsize=9)
+        ax.set_title(
+            f"{r['case']}: {ckpt:.0f} MB checkpoint\n{r['convert_seconds']:.0f} s to convert",
+            fontsize=9,
+        )
         ax.set_ylabel("peak RSS (MiB)")
         ax.set_ylim(0, max(values + [budget]) * 1.15)
         ax.legend(fontsize=7, loc="upper left")

@@ -10,6 +10,7 @@ from recast.refactor.partition import (
     LayerInput,
     ModelPartition,
     Partition,
+    align_layers,
     balanced_kmeans,
     partition_layer,
     split_sizes,
@@ -116,3 +117,28 @@ def test_model_partition_round_trip(tmp_path):
     mp = ModelPartition("uniform", [Partition([0], [[1, 2], [3]])], {"count": 2})
     mp.save(tmp_path / "p.json")
     assert ModelPartition.load(tmp_path / "p.json") == mp
+
+
+def test_align_layers_recovers_a_permutation_of_experts():
+    g = torch.Generator().manual_seed(0)
+    topic = torch.randint(0, 4, (200,), generator=g)  # which "expert topic" each token has
+    base = torch.rand(200, 40, generator=g) * 0.1
+    for t in range(4):  # neurons 10t..10t+9 fire on topic t
+        base[topic == t, 10 * t : 10 * t + 10] += 1.0
+    layer0 = Partition([], [list(range(10 * t, 10 * t + 10)) for t in range(4)])
+    shuffled = [2, 0, 3, 1]
+    layer1 = Partition([], [layer0.experts[i] for i in shuffled])
+    stats = [fake_stats(40), fake_stats(40)]
+    stats[0].reservoir = base
+    stats[1].reservoir = base + torch.rand(200, 40, generator=g) * 0.05
+    aligned = align_layers([layer0, layer1], stats)
+    assert aligned[1].experts == layer0.experts
+    assert aligned[1].shared == layer1.shared
+
+
+def test_align_option_needs_the_reservoir():
+    from recast.refactor.partition import STRATEGIES as S
+
+    chosen = S.get("importance")
+    assert chosen.needs_reservoir(chosen.options(align=True))
+    assert not chosen.needs_reservoir(chosen.options())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import tempfile
+from pathlib import Path
+
 from torch import nn
 
 from .models.families import family_for
 from .models.load import DenseModel, tokenizer_for, validate_layout
-from .pipeline import build_moe, calibration_stats, partition_model
+from .pipeline import recipe_fingerprint, transform
 from .recipe import load_recipe
+from .refactor.recover import Checkpoints
 
 
 def refactor(
@@ -21,6 +26,8 @@ def refactor(
     strategy: str = "cluster",
     combine: str = "sum",
     router: str = "oracle",
+    router_options: dict | None = None,
+    recover: dict | None = None,
     samples: int = 256,
     seq_len: int = 128,
     options: dict | None = None,
@@ -29,20 +36,22 @@ def refactor(
 ) -> nn.Module:
     """Convert `model` in place into an MoE and return it.
 
-    `calibration` is a text source (see `recast.data`) or `{domain: source}`. Strategies that
-    calibrate need a tokenizer: `tokenizer`, else the one saved with `model.name_or_path`.
-    Settings are validated as a recipe would be.
+    The keywords mirror the recipe: `experts`, `top_k`, `shared`, `strategy`, `combine` and
+    `options` are the `experts` section; `router` and `router_options` the `router` section
+    (e.g. `router="pregate", router_options={"width": 64, "steps": 300}`); `recover` the
+    `recover` section (e.g. `{"steps": 100, "rounds": 2}`), distilling from a copy of the
+    dense model. `calibration` is a text source (see `recast.data`) or `{domain: source}`.
+    Calibrating needs a tokenizer: `tokenizer`, else the one saved at `model.name_or_path`.
     """
     family = family_for(model.config.model_type)
     validate_layout(model, family)
-    domains = calibration if isinstance(calibration, dict) else None
     recipe = load_recipe(
         {
             "name": "in-memory",
             "model": "<in-memory>",
             "calibration": {
                 "data": calibration if isinstance(calibration, str) else "builtin:pydoc",
-                "domains": domains,
+                "domains": calibration if isinstance(calibration, dict) else None,
                 "samples": samples,
                 "seq_len": seq_len,
             },
@@ -54,13 +63,21 @@ def refactor(
                 "combine": combine,
                 "options": options or {},
             },
-            "router": {"kind": router},
+            "router": {"kind": router, **(router_options or {})},
+            "recover": recover or {},
             "seed": seed,
         }
     )
     if tokenizer is None and getattr(model, "name_or_path", ""):
         tokenizer = tokenizer_for(model.name_or_path)
-    dense = DenseModel(model.eval(), family, tokenizer, "<in-memory>")
-    stats = calibration_stats(dense, recipe, progress)
-    partition = partition_model(model, family, stats, recipe)
-    return build_moe(dense, partition, recipe)
+    teacher = copy.deepcopy(model).eval() if recipe.recover.steps else None
+    with tempfile.TemporaryDirectory(prefix="recast-recover-") as work:
+        done = transform(
+            DenseModel(model.eval(), family, tokenizer, "<in-memory>"),
+            recipe,
+            teacher=lambda: teacher,
+            checkpoints=Checkpoints(Path(work), recipe_fingerprint(recipe)),
+            evaluate=False,
+            progress=progress,
+        )
+    return done.model

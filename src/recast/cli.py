@@ -85,8 +85,9 @@ def _convert(args) -> int:
         trust_pickle=args.trust_pickle,
         progress=not args.quiet,
     )
-    print(result.report.table())
-    print(f"\nsaved to {result.output_dir}")
+    if result.output_dir is not None:  # the main process, under a multi-process launch
+        print(result.report.table())
+        print(f"\nsaved to {result.output_dir}")
     return 0
 
 

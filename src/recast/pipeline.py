@@ -6,10 +6,13 @@ atomically (a failed run leaves nothing behind).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,14 @@ from .models.surgery import dense_ffn, layer_modules
 from .recipe import Recipe, load_recipe
 from .refactor.build import activation_of, attach_routers, convert_layers, moe_layers
 from .refactor.calibrate import LayerStats, calibrate
-from .refactor.partition import STRATEGIES, LayerInput, ModelPartition, partition_layer
+from .refactor.partition import (
+    STRATEGIES,
+    LayerInput,
+    ModelPartition,
+    align_layers,
+    partition_layer,
+)
+from .refactor.recover import Checkpoints, RecoverSettings, distributed_state, recover
 from .routers import ROUTERS
 from .routers.train import TrainSettings, oracle_routing, routing_quality, train_routers
 
@@ -133,6 +143,8 @@ def partition_model(
         layers.append(
             partition_layer(e.strategy, layer_input, e.count, e.shared, recipe.seed, e.options)
         )
+    if e.options.get("align"):
+        layers = align_layers(layers, stats)
     settings = {"count": e.count, "shared": e.shared, "seed": recipe.seed, "options": e.options}
     return ModelPartition(e.strategy, layers, settings)
 
@@ -161,6 +173,19 @@ def build_moe(dense: DenseModel, partition: ModelPartition, recipe: Recipe) -> n
     return model
 
 
+def router_settings(recipe: Recipe, load_balance: float = 0.0) -> TrainSettings:
+    r = recipe.router
+    return TrainSettings(
+        steps=r.steps,
+        lr=r.lr,
+        batch_size=r.batch_size,
+        soft_weight=r.soft_weight,
+        label_smoothing=r.label_smoothing,
+        load_balance=load_balance,
+        seed=recipe.seed,
+    )
+
+
 def train_router(
     model: nn.Module,
     recipe: Recipe,
@@ -169,17 +194,8 @@ def train_router(
     progress: bool,
 ) -> list[float]:
     """Fit a trainable router to the dense oracle on the calibration text (all domains)."""
-    r = recipe.router
-    settings = TrainSettings(
-        steps=r.steps,
-        lr=r.lr,
-        batch_size=r.batch_size,
-        soft_weight=r.soft_weight,
-        label_smoothing=r.label_smoothing,
-        seed=recipe.seed,
-    )
     pooled = [seq for domain in sequences.values() for seq in domain]
-    return train_routers(model, pooled, settings, pad_id, progress)
+    return train_routers(model, pooled, router_settings(recipe), pad_id, progress)
 
 
 class Evaluator:
@@ -251,6 +267,91 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+@dataclass
+class Transformed:
+    """The converted model and what the stages recorded on the way."""
+
+    model: nn.Module
+    partition: ModelPartition
+    evaluator: Evaluator | None
+    router_losses: list[float]
+    before_recovery: dict
+    recovery: dict
+
+
+def recover_settings(recipe: Recipe) -> RecoverSettings:
+    rec = recipe.recover
+    return RecoverSettings(
+        steps=rec.steps,
+        rounds=rec.rounds,
+        lr=rec.lr,
+        lr_decay=rec.lr_decay,
+        batch_size=rec.batch_size,
+        temperature=rec.distill.temperature,
+        kl_weight=rec.distill.kl_weight,
+        hidden_weight=rec.distill.hidden_weight,
+        lora_rank=rec.lora.rank,
+        lora_alpha=rec.lora.alpha,
+        seed=recipe.seed,
+        router=router_settings(recipe, load_balance=rec.load_balance),
+    )
+
+
+def transform(
+    dense: DenseModel,
+    recipe: Recipe,
+    *,
+    teacher: Callable[[], nn.Module] | None = None,
+    checkpoints: Checkpoints | None = None,
+    evaluate: bool = True,
+    resume: bool = False,
+    progress: bool = True,
+    on_round_end: Callable[[int], None] | None = None,
+) -> Transformed:
+    """Calibrate, partition, build, train the router and recover: `dense.model` becomes the MoE.
+
+    `teacher` makes a fresh dense model for recovery (only called when recovery runs).
+    """
+    sequences = calibration_sequences(dense, recipe) if needs_calibration(recipe) else {}
+    log.info("calibrating on %d sequences", sum(len(s) for s in sequences.values()))
+    stats = calibration_stats(dense, recipe, sequences, progress)
+    log.info("partitioning with %r", recipe.experts.strategy)
+    partition = partition_model(dense.model, dense.family, stats, recipe)
+    del stats
+    evaluator = Evaluator(dense, recipe) if evaluate else None
+    log.info("building the MoE layers")
+    model = build_moe(dense, partition, recipe)
+    router_losses: list[float] = []
+    if ROUTERS.get(recipe.router.kind).trainable:
+        log.info("training the %s router on the dense oracle", recipe.router.kind)
+        router_losses = train_router(model, recipe, sequences, _pad_id(dense), progress)
+    before, recovery = {}, {}
+    if recipe.recover.steps:
+        if evaluator is not None and evaluator.enabled:
+            before = evaluator.fidelity(model)
+        log.info("recovering quality from the dense teacher (%d rounds)", recipe.recover.rounds)
+        pooled = [seq for domain in sequences.values() for seq in domain]
+        recovery = recover(
+            model,
+            teacher(),
+            pooled,
+            recover_settings(recipe),
+            _pad_id(dense),
+            checkpoints,
+            resume=resume,
+            progress=progress,
+            on_round_end=on_round_end,
+        )
+    return Transformed(model, partition, evaluator, router_losses, before, recovery)
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Identifies what a recovery checkpoint was computed from (the output dir aside)."""
+    data = recipe.model_dump(mode="json")
+    data["output"].pop("dir")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def convert(
     recipe: str | Path | dict | Recipe,
     *,
@@ -259,42 +360,42 @@ def convert(
     overwrite: bool = False,
     trust_pickle: bool = False,
     save: bool = True,
+    resume: bool = False,
     progress: bool = True,
+    on_round_end: Callable[[int], None] | None = None,
 ) -> ConversionResult:
-    """Run a recipe end to end; returns the model, partition and report (and saves them)."""
+    """Run a recipe end to end; returns the model, partition and report (and saves them).
+
+    With recovery, each round is checkpointed in `.<out>.recover/` beside the output;
+    `resume=True` continues from there after a killed run. `on_round_end(i)` is called after
+    round i is checkpointed.
+    """
     recipe = load_recipe(recipe, overrides)
     target = Path(out) if out else recipe.output_dir
+    main_process = distributed_state().is_main_process
     if save:
         check_writable(target, overwrite)  # fail before the expensive work
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
     dense = load_dense(recipe.model, trust_pickle=trust_pickle)
-    sequences = calibration_sequences(dense, recipe) if needs_calibration(recipe) else {}
-    log.info("calibrating on %d sequences", sum(len(s) for s in sequences.values()))
-    stats = calibration_stats(dense, recipe, sequences, progress)
-    log.info(
-        "partitioning %d layers with %r",
-        len(layer_modules(dense.model, dense.family)),
-        recipe.experts.strategy,
+    checkpoints = Checkpoints(target.parent / f".{target.name}.recover", recipe_fingerprint(recipe))
+    done = transform(
+        dense,
+        recipe,
+        teacher=lambda: load_dense(recipe.model, trust_pickle=trust_pickle).model,
+        checkpoints=checkpoints,
+        resume=resume,
+        progress=progress,
+        on_round_end=on_round_end,
     )
-    partition = partition_model(dense.model, dense.family, stats, recipe)
-    del stats
-    evaluator = Evaluator(dense, recipe)
-    log.info("building the MoE layers")
-    model = build_moe(dense, partition, recipe)
-    router_losses = []
-    if ROUTERS.get(recipe.router.kind).trainable:
-        log.info("training the %s router on the dense oracle", recipe.router.kind)
-        router_losses = train_router(model, recipe, sequences, _pad_id(dense), progress)
+    model, evaluator = done.model, done.evaluator
     conversion_seconds = time.perf_counter() - started
     log.info("evaluating")
     metrics = evaluator.metrics(model, dense.family, recipe.router.kind)
-    if router_losses:
-        metrics["router_loss_first"], metrics["router_loss_last"] = (
-            router_losses[0],
-            router_losses[-1],
-        )
+    if done.router_losses:
+        metrics["router_loss_first"] = done.router_losses[0]
+        metrics["router_loss_last"] = done.router_losses[-1]
     metrics["conversion_seconds"] = conversion_seconds
     metrics["peak_rss_mb"] = peak_rss_mb()
     report = Report(
@@ -305,14 +406,17 @@ def convert(
         router=recipe.router.kind,
         metrics=metrics,
         routing=evaluator.routing(model) if evaluator.enabled else {},
+        before_recovery=done.before_recovery,
+        recovery=done.recovery,
         notes=_notes(recipe),
     )
-    result = ConversionResult(model, partition, report, recipe, None, dense.tokenizer)
-    if save:
+    result = ConversionResult(model, done.partition, report, recipe, None, dense.tokenizer)
+    if save and main_process:
         with atomic_directory(target, overwrite) as staging:
             write_model(model, staging, dense.tokenizer)
             (staging / "recipe.yaml").write_text(recipe.to_yaml())
             report.save(staging / "report.json")
+        checkpoints.remove()
         result.output_dir = target
     return result
 

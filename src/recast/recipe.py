@@ -125,6 +125,32 @@ class RouterSpec(Section):
         return dict(self.model_extra or {})
 
 
+class LoraSpec(Section):
+    """LoRA on the stacked expert tensors during expert rounds (merged back at the end)."""
+
+    rank: int = Field(0, ge=0)  # 0: train the experts' full weights
+    alpha: float = Field(16.0, gt=0)
+
+
+class DistillSpec(Section):
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)  # logit KL (LMs) or last-hidden MSE (encoders)
+    hidden_weight: float = Field(0.0, ge=0)  # per-layer hidden-state MSE
+
+
+class RecoverSpec(Section):
+    """Distillation from the dense teacher in alternating expert / router rounds."""
+
+    steps: int = Field(0, ge=0)  # per round; 0 skips recovery
+    rounds: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    batch_size: int = Field(8, gt=0)
+    load_balance: float = Field(0.01, ge=0)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+
+
 class EvaluateSpec(Section):
     """Held-out text on which the dense and MoE models are compared."""
 
@@ -145,6 +171,7 @@ class Recipe(Section):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    recover: RecoverSpec = Field(default_factory=RecoverSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     seed: int = 0

@@ -40,6 +40,8 @@ class Report:
     router: str
     metrics: dict[str, float] = field(default_factory=dict)
     routing: dict = field(default_factory=dict)
+    before_recovery: dict = field(default_factory=dict)
+    recovery: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -51,6 +53,8 @@ class Report:
             "router": self.router,
             "metrics": self.metrics,
             "routing": self.routing,
+            "before_recovery": self.before_recovery,
+            "recovery": self.recovery,
             "notes": self.notes,
         }
 

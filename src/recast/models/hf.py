@@ -124,7 +124,7 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None) -> None:
         "recast": {"format_version": FORMAT_VERSION, **info.to_json()},
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    safetensors.torch.save_file(_untied_state(model), str(directory / "model.safetensors"))
+    safetensors.torch.save_file(untied_state(model), str(directory / "model.safetensors"))
     if info.partition is not None:
         info.partition.save(directory / "partition.json")
     if tokenizer is not None:
@@ -188,7 +188,7 @@ def _tied(model: nn.Module) -> dict[str, str]:
     return getattr(model, "all_tied_weights_keys", None) or {}
 
 
-def _untied_state(model: nn.Module) -> dict:
+def untied_state(model: nn.Module) -> dict:
     """The state dict with tied copies dropped (loading re-ties them), as safetensors requires."""
     state = model.state_dict()
     for target, source in _tied(model).items():

@@ -77,6 +77,28 @@ class ExpertBank(nn.Module):
         """One expert's output without the down bias: `[n, H]`."""
         return nn.functional.linear(self.activations(x, expert), self.down[expert])
 
+    def forward(self, x: Tensor, expert: int | None = None) -> Tensor:
+        """`expert_forward(x, expert)`, or with no expert every expert's activations `[E, T, W]`.
+
+        Everything that reads the weights goes through `forward` so that peft's LoRA on the
+        stacked parameters (`target_parameters`), which applies its deltas around the
+        wrapped module's forward, reaches every use of them.
+        """
+        return self.all_activations(x) if expert is None else self.expert_forward(x, expert)
+
+    @torch.no_grad()
+    def zero_padding(self) -> None:
+        """Zero the padded neurons' weights (training or merged LoRA deltas may touch them), so
+        that formats without a mask (Mixtral, Qwen2-MoE) see exactly zero contribution too."""
+        keep = self.mask[..., None]
+        self.up.mul_(keep)
+        self.down.mul_(self.mask[:, None, :])
+        if self.gate is not None:
+            self.gate.mul_(keep)
+        for bias in (self.up_bias, self.gate_bias):
+            if bias is not None:
+                bias.mul_(self.mask)
+
 
 class MoEFFN(nn.Module):
     """A routed replacement for one dense FFN.
@@ -104,7 +126,13 @@ class MoEFFN(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.experts.num
+        return self.bank.num
+
+    @property
+    def bank(self) -> ExpertBank:
+        """The expert weights, also while peft wraps `experts` for LoRA training."""
+        experts = self.experts
+        return experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
@@ -112,7 +140,7 @@ class MoEFFN(nn.Module):
         routing = self.router(x, self)
         out = self.routed(x, routing)
         if self.shared is not None:
-            out = out + self.shared.expert_forward(x, 0)
+            out = out + self.shared(x, 0)
         if self.down_bias is not None:
             out = out + self.down_bias
         return out.reshape(shape)
@@ -131,7 +159,7 @@ class MoEFFN(nn.Module):
             grouped.split(counts[counts > 0].tolist()),
             strict=True,
         ):
-            outputs.append(self.experts.expert_forward(chunk, expert))
+            outputs.append(self.experts(chunk, expert))
         y = torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
         if routing.weights is not None:
             y = y * routing.weights.reshape(-1)[order, None].to(y.dtype)
@@ -140,6 +168,6 @@ class MoEFFN(nn.Module):
     def extra_repr(self) -> str:
         shared = 0 if self.shared is None else self.shared.widths[0]
         return (
-            f"layer={self.layer_index}, experts={self.num_experts}x{self.experts.width}, "
+            f"layer={self.layer_index}, experts={self.num_experts}x{self.bank.width}, "
             f"shared={shared}, router={self.router.kind}, combine={self.combine}"
         )

@@ -158,6 +158,13 @@ def _chunks(ids: list[int], sizes: list[int]) -> list[list[int]]:
 # --- uniform -----------------------------------------------------------------------------
 
 
+class AlignableOptions(StrategyOptions):
+    # Reorder each layer's experts to match the layers before it by co-activation on the same
+    # sampled tokens, so expert e serves the same tokens in every layer: what one pre-gating
+    # router deciding for all layers needs (see `align_layers`).
+    align: bool = False
+
+
 class UniformOptions(StrategyOptions):
     order: Literal["contiguous", "random"] = "contiguous"
 
@@ -176,7 +183,7 @@ def uniform(layer: LayerInput, count: int, n_shared: int, seed: int, opts: Unifo
 # --- importance --------------------------------------------------------------------------
 
 
-@strategy("importance")
+@strategy("importance", AlignableOptions, needs_reservoir=lambda o: o.align)
 def importance_split(layer: LayerInput, count: int, n_shared: int, seed: int, opts):
     """The most active neurons are shared; the rest are dealt round-robin by rank (MoEBERT)."""
     shared, rest = _split_by_importance(layer.stats, n_shared)
@@ -187,7 +194,7 @@ def importance_split(layer: LayerInput, count: int, n_shared: int, seed: int, op
 # --- cluster -----------------------------------------------------------------------------
 
 
-class ClusterOptions(StrategyOptions):
+class ClusterOptions(AlignableOptions):
     # "activations": each neuron's activations on sampled tokens; "weights": its up (and gate)
     # projection row (LLaMA-MoE, MoEfication).
     features: Literal["activations", "weights"] = "activations"
@@ -226,7 +233,9 @@ def balanced_kmeans(points: Tensor, sizes: list[int], seed: int, iterations: int
     return labels
 
 
-@strategy("cluster", ClusterOptions, needs_reservoir=lambda o: o.features == "activations")
+@strategy(
+    "cluster", ClusterOptions, needs_reservoir=lambda o: o.features == "activations" or o.align
+)
 def cluster(layer: LayerInput, count: int, n_shared: int, seed: int, opts: ClusterOptions):
     """Balanced k-means over neuron activation profiles or weight rows; shared = most active."""
     shared, rest = _split_by_importance(layer.stats, n_shared)
@@ -243,7 +252,7 @@ def cluster(layer: LayerInput, count: int, n_shared: int, seed: int, opts: Clust
 # --- coactivation ------------------------------------------------------------------------
 
 
-class CoactivationOptions(StrategyOptions):
+class CoactivationOptions(AlignableOptions):
     active_fraction: float = Field(0.1, gt=0, le=1)  # per token, the top fraction counts as active
     neighbours: int = Field(16, ge=1)  # edges kept per neuron in the sparsified graph
 
@@ -349,3 +358,42 @@ def partition_layer(
     )
     result.validate(width)
     return result
+
+
+def expert_profiles(partition: Partition, stats: LayerStats) -> Tensor:
+    """Each expert's activation mass on the reservoir tokens, standardised: `[R, E]`."""
+    magnitude = stats.reservoir.abs()
+    mass = torch.stack([magnitude[:, ids].sum(1) for ids in partition.experts], dim=1)
+    return (mass - mass.mean(0)) / mass.std(0).clamp(min=1e-6)
+
+
+def best_permutation(similarity: Tensor) -> list[int]:
+    """`perm` maximising sum_e similarity[e, perm[e]] (an assignment, by max-weight matching)."""
+    size = similarity.shape[0]
+    graph = nx.Graph()
+    offset = float(similarity.min()) - 1.0  # keep every weight positive so all pairs match
+    for row in range(size):
+        for col in range(size):
+            graph.add_edge(("ref", row), ("new", col), weight=float(similarity[row, col]) - offset)
+    perm = [0] * size
+    for a, b in nx.max_weight_matching(graph, maxcardinality=True):
+        (_, row), (_, col) = (a, b) if a[0] == "ref" else (b, a)
+        perm[row] = col
+    return perm
+
+
+def align_layers(partitions: list[Partition], stats: list[LayerStats]) -> list[Partition]:
+    """Renumber experts so that expert e co-activates with expert e of the layers before.
+
+    Reservoir row r is the same token in every layer (see `calibrate`), so expert profiles
+    are comparable across layers. Each layer is matched to the running consensus of the
+    layers already aligned, which keeps one drifting layer from steering the rest.
+    """
+    aligned = [partitions[0]]
+    consensus = expert_profiles(partitions[0], stats[0])
+    for partition, layer_stats in zip(partitions[1:], stats[1:], strict=True):
+        profiles = expert_profiles(partition, layer_stats)
+        perm = best_permutation(consensus.T @ profiles / profiles.shape[0])
+        aligned.append(Partition(partition.shared, [partition.experts[p] for p in perm]))
+        consensus = consensus + profiles[:, perm]
+    return aligned

@@ -31,6 +31,7 @@ class TrainSettings:
     batch_size: int = 8
     soft_weight: float = 0.25
     label_smoothing: float = 0.1
+    load_balance: float = 0.0  # weight of the Switch-style balance loss
     seed: int = 0
 
 
@@ -90,7 +91,7 @@ def oracle_batch(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> Oracl
     finally:
         for h in handles:
             h.remove()
-    mass = [m.experts.all_activations(h).abs().sum(-1).T for m, h in zip(moes, hidden, strict=True)]
+    mass = [m.experts(h).abs().sum(-1).T for m, h in zip(moes, hidden, strict=True)]
     return OracleBatch(ids, attention_mask.bool(), hidden, mass)
 
 
@@ -103,6 +104,14 @@ def router_loss(logits: Tensor, mass: Tensor, top_k: int, settings: TrainSetting
     soft = mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
     w = settings.soft_weight
     return -((1 - w) * (hard * log_probs).sum(-1) + w * (soft * log_probs).sum(-1)).mean()
+
+
+def balance_loss(logits: Tensor, top_k: int) -> Tensor:
+    """Switch Transformer's auxiliary loss: E x sum_e (share of picks of e) x (mean prob of e);
+    1.0 when load and probability are uniform."""
+    probs = torch.softmax(logits, dim=-1)
+    picks = torch.zeros_like(probs).scatter_(1, logits.topk(top_k, dim=-1).indices, 1.0)
+    return logits.shape[-1] * (picks.mean(0) / top_k * probs.mean(0)).sum()
 
 
 def _pregate(model: nn.Module) -> PregateNetwork | None:
@@ -137,6 +146,8 @@ def train_routers(
     params = trainable_parameters(model)
     if not params:
         return []
+    for p in params:
+        p.requires_grad_(True)
     top_k = _moes(model)[0].router.top_k
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
@@ -150,10 +161,11 @@ def train_routers(
             ids, mask = batches[order.randrange(len(batches))]
             batch = oracle_batch(model, ids, mask)
             with torch.enable_grad():
-                loss = sum(
-                    router_loss(logits, mass, top_k, settings)
-                    for logits, mass in zip(router_logits(model, batch), batch.mass, strict=True)
-                ) / len(batch.mass)
+                pairs = list(zip(router_logits(model, batch), batch.mass, strict=True))
+                loss = sum(router_loss(z, m, top_k, settings) for z, m in pairs) / len(pairs)
+                if settings.load_balance:
+                    balance = sum(balance_loss(z, top_k) for z, _ in pairs) / len(pairs)
+                    loss = loss + settings.load_balance * balance
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -1,0 +1,302 @@
+"""Recovery: distil the dense teacher back into the MoE student (Read-ME's alternating rounds).
+
+Expert rounds freeze the router and train the experts on the teacher's logits (KL, plus an
+optional hidden-state MSE per layer); router rounds freeze the experts and refit the router to
+the oracle of the current experts. The learning rate shrinks every round. Expert rounds may
+train LoRA adapters on the stacked expert tensors (peft `target_parameters`), merged back into
+the experts when the round ends.
+
+Rounds run through accelerate: one process by default, or several under `accelerate launch`.
+After every round the student's weights are checkpointed, so a killed run resumes at the start
+of the round it was in and, since each round draws its data from its own seed, ends with the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import peft
+import safetensors.torch
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import parse_flag_from_env
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import RecastError
+from ..routers.train import TrainSettings, train_routers
+from .calibrate import padded_batches
+from .moe import MoEFFN
+
+
+def distributed_state() -> PartialState:
+    """The process group of this run, set up as `Accelerator()` would set it up.
+
+    Asked for first with accelerate's defaults, the state would ignore ACCELERATE_USE_CPU and
+    every CPU process of a multi-process launch would think it runs alone.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+class ResumeError(RecastError):
+    """A recovery checkpoint cannot be resumed (missing, or from another recipe)."""
+
+
+@dataclass
+class RecoverSettings:
+    steps: int  # per round
+    rounds: int
+    lr: float
+    lr_decay: float
+    batch_size: int
+    temperature: float
+    kl_weight: float
+    hidden_weight: float
+    lora_rank: int
+    lora_alpha: float
+    router: TrainSettings
+    seed: int = 0
+
+
+def round_plan(rounds: int, router_trainable: bool) -> list[str]:
+    """Experts first (the router starts fitted to the oracle), then alternate."""
+    if not router_trainable:
+        return ["experts"] * rounds
+    return ["experts" if r % 2 == 0 else "router" for r in range(rounds)]
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What an expert round trains: the expert banks, shared experts and their gates, biases."""
+    params = []
+    for moe in (m for m in model.modules() if isinstance(m, MoEFFN)):
+        for name, p in moe.named_parameters():
+            if not name.startswith("router."):
+                params.append(p)
+    return params
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    names = {
+        name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
+        for name, _ in model.named_parameters()
+    }
+    return sorted(
+        n
+        for n in names
+        if n.split(".")[0] in ("experts", "shared") and n.split(".")[1] in ("up", "gate", "down")
+    )
+
+
+def distillation_loss(student_out, teacher_out, mask: Tensor, settings: RecoverSettings) -> Tensor:
+    """Logit KL at temperature T (x T^2) for LMs, last-hidden MSE for encoders, plus an
+    optional per-layer hidden-state MSE; averaged over real tokens."""
+    keep = mask.bool()
+    loss = student_out.hidden_states[-1].new_zeros(())
+    if getattr(teacher_out, "logits", None) is not None:
+        t = settings.temperature
+        teacher = torch.log_softmax(teacher_out.logits[keep] / t, dim=-1)
+        student = torch.log_softmax(student_out.logits[keep] / t, dim=-1)
+        kl = (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t
+        loss = loss + settings.kl_weight * kl
+    else:
+        loss = loss + settings.kl_weight * nn.functional.mse_loss(
+            student_out.hidden_states[-1][keep], teacher_out.hidden_states[-1][keep]
+        )
+    if settings.hidden_weight:
+        layers = zip(student_out.hidden_states[1:-1], teacher_out.hidden_states[1:-1], strict=True)
+        mse = [nn.functional.mse_loss(s[keep], t[keep]) for s, t in layers]
+        if mse:
+            loss = loss + settings.hidden_weight * torch.stack(mse).mean()
+    return loss
+
+
+class Checkpoints:
+    """Round checkpoints in a work directory: `round-N.safetensors` and `progress.json`."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory, self.fingerprint = directory, fingerprint
+
+    def completed(self) -> int:
+        """How many rounds a previous run finished (0 if none); refuses another recipe's."""
+        progress = self.directory / "progress.json"
+        if not progress.exists():
+            raise ResumeError(
+                f"--resume: no recovery checkpoint in {self.directory}; run without --resume"
+            )
+        state = json.loads(progress.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise ResumeError(
+                f"--resume: the checkpoint in {self.directory} is from a different recipe; "
+                f"run without --resume to start over"
+            )
+        return state["rounds_done"]
+
+    def load(self, model: nn.Module, rounds_done: int) -> None:
+        state = safetensors.torch.load_file(
+            str(self.directory / f"round-{rounds_done - 1}.safetensors")
+        )
+        model.load_state_dict(state, strict=False)
+
+    def save(self, model: nn.Module, round_index: int) -> None:
+        from ..models.hf import untied_state
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"round-{round_index}.safetensors"
+        safetensors.torch.save_file(untied_state(model), str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").rename(path)
+        progress = {"fingerprint": self.fingerprint, "rounds_done": round_index + 1}
+        (self.directory / "progress.json").write_text(json.dumps(progress))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _batches(
+    sequences: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    steps: int,
+    rank: int,
+    world: int,
+):
+    """`steps` batches for this process, in an order fixed by `seed` alone."""
+    order = list(range(len(sequences)))
+    rng = random.Random(seed)
+    picked: list[int] = []
+    while len(picked) < steps * batch_size * world:
+        rng.shuffle(order)
+        picked += order
+    mine = [sequences[i] for i in picked[: steps * batch_size * world]][rank::world]
+    return list(padded_batches(mine, batch_size, pad_id))[:steps]
+
+
+def _with_lora(model: nn.Module, settings: RecoverSettings) -> nn.Module:
+    config = peft.LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        target_modules=[],
+        target_parameters=lora_targets(model),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def expert_round(
+    student: nn.Module,
+    teacher: nn.Module,
+    sequences,
+    settings: RecoverSettings,
+    lr: float,
+    seed: int,
+    pad_id: int,
+    accelerator: Accelerator,
+    progress: bool,
+) -> list[float]:
+    for p in student.parameters():
+        p.requires_grad_(False)
+    trained = _with_lora(student, settings) if settings.lora_rank else student
+    if not settings.lora_rank:
+        for p in expert_parameters(student):
+            p.requires_grad_(True)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    wrapped, optimizer = accelerator.prepare(trained, optimizer)
+    batches = _batches(
+        sequences,
+        settings.batch_size,
+        pad_id,
+        seed,
+        settings.steps,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    losses = []
+    wrapped.train()
+    teacher.eval()
+    with tqdm(
+        batches, desc="recover experts", disable=not progress or not accelerator.is_main_process
+    ) as bar:
+        for ids, mask in bar:
+            ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
+            with torch.no_grad():
+                teacher_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            student_out = wrapped(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            loss = distillation_loss(student_out, teacher_out, mask, settings)
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    unwrapped = accelerator.unwrap_model(wrapped)
+    if settings.lora_rank:
+        unwrapped.merge_and_unload()
+    for moe in (m for m in student.modules() if isinstance(m, MoEFFN)):
+        moe.bank.zero_padding()
+        if moe.shared is not None:
+            moe.shared.zero_padding()
+    student.eval()
+    accelerator.free_memory()
+    return losses
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    sequences: list[list[int]],
+    settings: RecoverSettings,
+    pad_id: int,
+    checkpoints: Checkpoints,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_round_end: Callable[[int], None] | None = None,
+) -> dict:
+    """Run the alternating rounds; returns each round's kind, learning rate and loss curve."""
+    accelerator = Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+    )
+    student.to(accelerator.device)
+    teacher.to(accelerator.device)
+    router_trainable = any(m.router.trainable for m in student.modules() if isinstance(m, MoEFFN))
+    plan = round_plan(settings.rounds, router_trainable)
+    done = checkpoints.completed() if resume else 0
+    if done:
+        checkpoints.load(student, done)
+    log = {"rounds": [], "resumed_after": done, "processes": accelerator.num_processes}
+    for index in range(done, len(plan)):
+        lr = settings.lr * settings.lr_decay**index
+        seed = settings.seed * 1000 + index
+        if plan[index] == "experts":
+            losses = expert_round(
+                student, teacher, sequences, settings, lr, seed, pad_id, accelerator, progress
+            )
+        else:
+            router = TrainSettings(
+                **{
+                    **settings.router.__dict__,
+                    "lr": settings.router.lr * settings.lr_decay**index,
+                    "seed": seed,
+                }
+            )
+            for p in student.parameters():
+                p.requires_grad_(False)
+            losses = train_routers(
+                student, sequences, router, pad_id, progress and accelerator.is_main_process
+            )
+        log["rounds"].append(
+            {"kind": plan[index], "lr": lr, "first_loss": losses[0], "last_loss": losses[-1]}
+        )
+        if accelerator.is_main_process:
+            checkpoints.save(student, index)
+        accelerator.wait_for_everyone()
+        if on_round_end is not None:
+            on_round_end(index)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return log
