@@ -77,10 +77,21 @@ def test_routed_output_matches_selected_slices():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_softmax_weights_are_normalised():
+def test_softmax_weights_sum_to_k_so_equal_scores_give_the_sum():
     router = OracleRouter(4, 2, "softmax")
     routing = router.select(torch.randn(6, 4))
-    torch.testing.assert_close(routing.weights.sum(1), torch.ones(6))
+    torch.testing.assert_close(routing.weights.sum(1), torch.full((6,), 2.0))
+    torch.testing.assert_close(router.select(torch.zeros(3, 4)).weights, torch.ones(3, 2))
+
+
+def test_softmax_with_every_expert_and_equal_scores_equals_dense():
+    ffn = make_ffn()
+    sum_moe = moe_from_dense(ffn, uneven_partition(), "silu", AllRouter(4), "sum", 0)
+    softmax_moe = moe_from_dense(
+        ffn, uneven_partition(), "silu", AllRouter(4, combine="softmax"), "softmax", 0
+    )
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(softmax_moe(x), sum_moe(x), rtol=1e-5, atol=1e-5)
 
 
 def test_padding_never_contributes_even_after_training():

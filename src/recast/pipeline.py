@@ -33,6 +33,7 @@ from .evaluate import (
 from .models.families import Family
 from .models.hf import MoEInfo, write_model
 from .models.load import DenseModel, load_dense
+from .models.stock import check_family, parity_check, write_stock
 from .models.surgery import dense_ffn, layer_modules
 from .recipe import Recipe, load_recipe
 from .refactor.build import activation_of, attach_routers, convert_layers, moe_layers
@@ -169,6 +170,10 @@ def build_moe(dense: DenseModel, partition: ModelPartition, recipe: Recipe) -> n
         bias=bias,
         partition=partition,
     )
+    if recipe.output.format == "qwen2_moe":  # train under the target's semantics from the start
+        for layer in layers:
+            layer.add_shared_gate()
+        model.recast.shared_gate = True
     attach_routers(model, r.kind, e.top_k, e.combine, r.options)  # records the router in MoEInfo
     return model
 
@@ -274,6 +279,7 @@ class Transformed:
     model: nn.Module
     partition: ModelPartition
     evaluator: Evaluator | None
+    probe: list[list[int]]  # held-out (else calibration) sequences for output checks
     router_losses: list[float]
     before_recovery: dict
     recovery: dict
@@ -342,7 +348,11 @@ def transform(
             progress=progress,
             on_round_end=on_round_end,
         )
-    return Transformed(model, partition, evaluator, router_losses, before, recovery)
+    if evaluator is not None and evaluator.enabled:
+        probe = evaluator.sequences
+    else:
+        probe = [seq for domain in sequences.values() for seq in domain][:8]
+    return Transformed(model, partition, evaluator, probe, router_losses, before, recovery)
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -379,6 +389,7 @@ def convert(
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
     dense = load_dense(recipe.model, trust_pickle=trust_pickle)
+    check_family(recipe.output.format, dense.family, dense.model.config)
     checkpoints = Checkpoints(target.parent / f".{target.name}.recover", recipe_fingerprint(recipe))
     done = transform(
         dense,
@@ -413,12 +424,25 @@ def convert(
     result = ConversionResult(model, done.partition, report, recipe, None, dense.tokenizer)
     if save and main_process:
         with atomic_directory(target, overwrite) as staging:
-            write_model(model, staging, dense.tokenizer)
-            (staging / "recipe.yaml").write_text(recipe.to_yaml())
-            report.save(staging / "report.json")
+            write_output(model, dense, recipe, staging, done.probe, report)
         checkpoints.remove()
         result.output_dir = target
     return result
+
+
+def write_output(
+    model: nn.Module, dense: DenseModel, recipe: Recipe, staging: Path, probe, report: Report
+) -> None:
+    """The output files in the recipe's format; stock formats are loaded back and checked."""
+    fmt = recipe.output.format
+    if fmt == "recast":
+        write_model(model, staging, dense.tokenizer)
+    else:
+        write_stock(fmt, model, dense.family, staging, dense.tokenizer)
+        report.stock_check = parity_check(model, staging, probe, _pad_id(dense))
+        model.recast.partition.save(staging / "partition.json")
+    (staging / "recipe.yaml").write_text(recipe.to_yaml())
+    report.save(staging / "report.json")
 
 
 def _notes(recipe: Recipe) -> list[str]:

@@ -161,7 +161,9 @@ class EvaluateSpec(Section):
 
 
 class OutputSpec(Section):
-    format: Literal["recast"] = "recast"
+    # recast: this package's format (any router); mixtral / qwen2_moe: stock transformers
+    # formats that load without recast (per-layer linear gates, softmax combine).
+    format: Literal["recast", "mixtral", "qwen2_moe"] = "recast"
     dir: str | None = None
 
 
@@ -182,6 +184,32 @@ class Recipe(Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names the output dir)")
         return name
+
+    @model_validator(mode="after")
+    def _format_can_express_the_moe(self) -> Recipe:
+        fmt = self.output.format
+        if fmt == "recast":
+            return self
+        if self.router.kind != "layer" or self.router.options.get("hidden", 0):
+            raise ValueError(
+                f"output.format {fmt} routes each layer with a linear gate on its hidden state; "
+                f"it cannot express router.kind {self.router.kind!r}"
+                f"{' with an MLP gate' if self.router.kind == 'layer' else ''}: use router.kind: "
+                f"layer (hidden: 0) or output.format: recast"
+            )
+        if self.experts.combine != "softmax":
+            raise ValueError(
+                f"output.format {fmt} weights experts by softmax: set experts.combine: softmax"
+            )
+        if fmt == "mixtral" and self.experts.shared:
+            raise ValueError(
+                "output.format mixtral has no shared expert: set experts.shared: 0 or use qwen2_moe"
+            )
+        if fmt == "qwen2_moe" and not self.experts.shared:
+            raise ValueError(
+                "output.format qwen2_moe always has a shared expert: set experts.shared above 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reservoir_for_strategy(self) -> Recipe:

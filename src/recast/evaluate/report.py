@@ -42,6 +42,7 @@ class Report:
     routing: dict = field(default_factory=dict)
     before_recovery: dict = field(default_factory=dict)
     recovery: dict = field(default_factory=dict)
+    stock_check: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -55,6 +56,7 @@ class Report:
             "routing": self.routing,
             "before_recovery": self.before_recovery,
             "recovery": self.recovery,
+            "stock_check": self.stock_check,
             "notes": self.notes,
         }
 
@@ -81,6 +83,12 @@ class Report:
             lines.append(f"{'expert load CV (mean)':<{width}}  {r['mean_load_cv']:>14.3f}")
             lines.append(
                 f"{'oracle top-1 agreement across layers':<{width}}  {r['oracle_top1_agreement']:>14.3f}"
+            )
+        if self.stock_check:
+            check = self.stock_check
+            lines.append(
+                f"{'written ' + check['format'] + ': max |log p diff|':<{width}}  "
+                f"{check['max_abs_logprob_diff']:>14.2e}"
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

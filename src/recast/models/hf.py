@@ -45,6 +45,7 @@ class MoEInfo:
     shared_widths: list[int]  # 0 where a layer has no shared expert
     activation: str
     bias: bool  # projections carry biases (GPT-2, BERT, Llama with mlp_bias)
+    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
     partition: ModelPartition | None = None
 
     def to_json(self) -> dict:
@@ -144,7 +145,8 @@ def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
             shared = ExpertBank(1, info.shared_widths[i], hidden, info.activation, gated, biased)
         down_bias = torch.zeros(hidden) if biased else None
         placeholder = AllRouter(info.num_experts)
-        moe = MoEFFN(experts, shared, down_bias, placeholder, info.combine, i)
+        gate = nn.Linear(hidden, 1, bias=False) if info.shared_gate and shared is not None else None
+        moe = MoEFFN(experts, shared, down_bias, placeholder, info.combine, i, gate)
         replace_module(layer, family.ffn, moe)
         for path in family.identity:
             replace_module(layer, path, nn.Identity())

@@ -115,10 +115,12 @@ class MoEFFN(nn.Module):
         router: Router,
         combine: str,
         layer_index: int,
+        shared_gate: nn.Linear | None = None,
     ):
         super().__init__()
         self.experts = experts
         self.shared = shared
+        self.shared_gate = shared_gate  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
         self.down_bias = None if down_bias is None else nn.Parameter(down_bias)
         self.router = router
         self.combine = combine
@@ -140,10 +142,23 @@ class MoEFFN(nn.Module):
         routing = self.router(x, self)
         out = self.routed(x, routing)
         if self.shared is not None:
-            out = out + self.shared(x, 0)
+            shared = self.shared(x, 0)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         if self.down_bias is not None:
             out = out + self.down_bias
         return out.reshape(shape)
+
+    @torch.no_grad()
+    def add_shared_gate(self) -> None:
+        """Give the shared expert Qwen2-MoE's learned sigmoid gate, starting at exactly 1:
+        the gate is zero (sigmoid 0.5) and the shared down projection doubles to match."""
+        if self.shared is None or self.shared_gate is not None:
+            return
+        self.shared_gate = nn.Linear(self.shared.hidden, 1, bias=False).to(self.shared.down)
+        self.shared_gate.weight.zero_()
+        self.shared.down.mul_(2.0)
 
     def routed(self, x: Tensor, routing: Routing) -> Tensor:
         """Sum of the selected experts' outputs, each scaled by its routing weight if any."""

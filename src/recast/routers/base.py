@@ -24,6 +24,16 @@ class Routing:
     weights: Tensor | None = None
 
 
+def combine_weights(values: Tensor, combine: str) -> Tensor | None:
+    """Weights of the selected experts' scores `values[T, k]`: none for `sum`; for `softmax`,
+    the softmax over the selected scores times k, so equal scores give each expert weight 1
+    and the MoE starts from the sum of its selected experts (the exact refactor's semantics).
+    Stock formats renormalise to 1 instead; their writers fold the k into `down_proj`."""
+    if combine != "softmax":
+        return None
+    return torch.softmax(values, dim=-1) * values.shape[-1]
+
+
 class RouterOptions(BaseModel):
     """Settings of one router kind (the extra keys of the recipe's `router` section)."""
 
@@ -35,7 +45,7 @@ class Router(nn.Module):
 
     `top_k` is how many routed experts each token uses; `combine` decides the weights: `sum`
     gives none (each selected expert counts fully, the exact refactor), `softmax` gives
-    Mixtral-style weights (softmax over the selected experts' scores).
+    Mixtral-style weights (see `combine_weights`).
 
     A kind's `attach` gives every MoE layer of a model its router; the default makes one
     router per layer with no settings. Kinds that learn (`trainable`) expose `scores`, the
@@ -72,8 +82,7 @@ class Router(nn.Module):
     def select(self, scores: Tensor) -> Routing:
         """Top-k of `scores[T, E]`, with weights according to `combine`."""
         values, indices = torch.topk(scores, self.top_k, dim=-1)
-        weights = torch.softmax(values, dim=-1) if self.combine == "softmax" else None
-        return Routing(indices, weights)
+        return Routing(indices, combine_weights(values, self.combine))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, combine={self.combine}"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ROUTERS, Router, Routing
+from .base import ROUTERS, Router, Routing, combine_weights
 
 
 @ROUTERS.register("all")
 class AllRouter(Router):
-    """Every expert for every token: with `combine: sum` the MoE equals the dense model."""
+    """Every expert for every token, all scored equally: the MoE equals the dense model."""
 
     kind = "all"
 
@@ -20,10 +20,7 @@ class AllRouter(Router):
     def forward(self, hidden: Tensor, moe) -> Routing:
         indices = torch.arange(self.num_experts, device=hidden.device)
         indices = indices.expand(hidden.shape[0], -1)
-        weights = None
-        if self.combine == "softmax":
-            weights = hidden.new_full(indices.shape, 1.0 / self.num_experts)
-        return Routing(indices, weights)
+        return Routing(indices, combine_weights(hidden.new_zeros(indices.shape), self.combine))
 
 
 @ROUTERS.register("oracle")

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import RoutingError
-from .base import ROUTERS, Router, RouterOptions, Routing
+from .base import ROUTERS, Router, RouterOptions, Routing, combine_weights
 
 
 class PregateOptions(RouterOptions):
@@ -97,8 +97,7 @@ class PregateNetwork(nn.Module):
 
     def select(self, logits: Tensor) -> Routing:
         values, indices = torch.topk(logits, self.top_k, dim=-1)
-        weights = torch.softmax(values, dim=-1) if self.combine == "softmax" else None
-        return Routing(indices, weights)
+        return Routing(indices, combine_weights(values, self.combine))
 
     def plan_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the backbone: route every token once, before any layer runs.
