@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow pickle (.bin/.pt) checkpoints, loaded with torch.load(weights_only=True)",
     )
+    convert.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run from its last recovery round checkpoint "
+        "(kept in .<out>.recover/ beside the output until the run succeeds)",
+    )
     convert.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
     validate = sub.add_parser("validate", help="check recipes without running them")
@@ -83,6 +89,7 @@ def _convert(args) -> int:
         overrides=args.overrides,
         overwrite=args.overwrite,
         trust_pickle=args.trust_pickle,
+        resume=args.resume,
         progress=not args.quiet,
     )
     if result.output_dir is not None:  # the main process, under a multi-process launch
