@@ -252,7 +252,7 @@ def shape_of(directory: Path) -> tuple[int, int, int]:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def measure(case: Case, out_root: Path, stages: bool) -> dict:
+def measure(case: Case, out_root: Path, stages: bool, repeat: int = 1) -> dict:
     hidden, intermediate, layers = shape_of(case.directory)
     checkpoint = _bench.weight_bytes(case.directory)
     activations = activation_bytes(hidden, intermediate)
@@ -265,16 +265,24 @@ def measure(case: Case, out_root: Path, stages: bool) -> dict:
         DENSE_RUN, {"spec": case.spec, "batch": BATCH, "seq_len": SEQ_LEN}, **run
     )
     out = out_root / f"out-{case.name}"
-    load_before = _bench.load_average()
-    print(f"[{case.name}] convert (load average {load_before}) ...", flush=True)
-    try:
-        converted = _bench.run_snippet(
-            CONVERT_RUN,
-            {"recipe": recipe_for(case.name, case.spec), "out": str(out), "stages": stages},
-            **run,
-        )
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    runs, loads = [], []
+    for i in range(repeat):
+        loads.append(_bench.load_average())
+        which = f" {i + 1}/{repeat}" if repeat > 1 else ""
+        print(f"[{case.name}] convert{which} (load average {loads[-1]}) ...", flush=True)
+        try:
+            runs.append(
+                _bench.run_snippet(
+                    CONVERT_RUN,
+                    {"recipe": recipe_for(case.name, case.spec), "out": str(out), "stages": stages},
+                    **run,
+                )
+            )
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    # Peak RSS varies run to run (glibc's heap keeps freed activation buffers unevenly), so
+    # with --repeat the run with the median peak stands for the case; all peaks are kept.
+    converted = sorted(runs, key=lambda r: r["peak"])[(len(runs) - 1) // 2]
 
     import_rss = imported["rss"]
     ratio = (converted["peak"] - import_rss) / checkpoint
@@ -306,7 +314,9 @@ def measure(case: Case, out_root: Path, stages: bool) -> dict:
         "target_ratio": target_ratio,
         "target_met": ratio <= target_ratio,
         "ratio_to_dense_use": converted["peak"] / dense["peak"],
-        "load_average_at_convert": load_before,
+        "convert_peaks_all_runs": [r["peak"] for r in runs],
+        "convert_seconds_all_runs": [r["seconds"] for r in runs],
+        "load_average_at_convert": loads,
     }
 
 
@@ -327,6 +337,9 @@ def summary_table(results: list[dict]) -> str:
         "met",
         "conv/dense",
     ]
+    repeated = any(len(r["convert_peaks_all_runs"]) > 1 for r in results)
+    if repeated:
+        headers.insert(5, "convert range MB")
     rows = [
         [
             r["case"],
@@ -343,6 +356,10 @@ def summary_table(results: list[dict]) -> str:
         ]
         for r in results
     ]
+    if repeated:
+        for row, r in zip(rows, results, strict=True):
+            peaks = r["convert_peaks_all_runs"]
+            row.insert(5, f"{mb(min(peaks))}-{mb(max(peaks))} ({len(peaks)})")
     return _bench.format_table(headers, rows)
 
 
@@ -366,7 +383,7 @@ def legend() -> str:
     return (
         "MB = MiB. import: RSS after `import recast`. dense use: peak RSS of load_dense + one "
         f"forward of a {BATCH}x{SEQ_LEN} batch. convert: peak RSS of recast.convert (save "
-        "included). act/batch: one calibration batch's activations in one layer, "
+        "included; the median run with --repeat). act/batch: one calibration batch's activations in one layer, "
         f"{BATCH}*{SEQ_LEN}*(4*hidden + 3*intermediate)*4 bytes (rough upper bound). "
         f"target: (convert - import)/ckpt < {TARGET_FACTOR} + act/ckpt. conv/dense: convert "
         "peak / dense-use peak."
@@ -382,7 +399,9 @@ def draw(results: list[dict], path: Path) -> Path | None:
     colors = ["#9e9e9e", "#4c78a8", "#f58518"]
     for ax, r in zip(axes[0], results, strict=True):
         values = [r["import_rss"] / MB, r["dense_use_peak"] / MB, r["convert_peak"] / MB]
-        bars = ax.bar(labels, values, color=colors)
+        peaks = [p / MB for p in r["convert_peaks_all_runs"]]
+        spread = [[0, 0, values[2] - min(peaks)], [0, 0, max(peaks) - values[2]]]
+        bars = ax.bar(labels, values, color=colors, yerr=spread if len(peaks) > 1 else None)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ckpt = r["checkpoint_bytes"] / MB
         budget = (
@@ -444,11 +463,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     parser.add_argument("--png", type=Path, default=DEFAULT_PNG, help=f"default {DEFAULT_PNG}")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="convert runs per case; the run with the median peak is reported (default 1)",
+    )
+    parser.add_argument(
         "--no-stages",
         action="store_true",
         help="do not time the pipeline stages inside the convert run",
     )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in ALL_CASES]
     if unknown or not args.cases:
@@ -477,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(case)
                 continue
             try:
-                results.append(measure(case, work, stages=not args.no_stages))
+                results.append(measure(case, work, not args.no_stages, args.repeat))
             except _bench.SnippetError as exc:
                 print(f"[{case.name}] failed: {exc}", file=sys.stderr)
                 return 1

@@ -1,6 +1,7 @@
 """The documentation and the example recipes stay true to the code.
 
-Every recipe key (and every strategy option) has a row in docs/recipes.md, every recipe in
+Every recipe key (and every strategy and router kind option) has a row in docs/recipes.md, and
+every router kind and output format is described there; every recipe in
 recipes/ validates and says how to run it, the README's Python examples run, its quick start is
 exactly `make demo` + `make test`, and every `recast ...` invocation in the docs names a command
 and flags the CLI has.
@@ -23,6 +24,7 @@ from recast.cli import _parser
 from recast.data import BUILTIN_SOURCES
 from recast.recipe import Recipe
 from recast.refactor.partition import STRATEGIES
+from recast.routers import ROUTERS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -72,8 +74,28 @@ def option_keys() -> list[str]:
     return sorted(keys)
 
 
+def router_option_keys() -> list[str]:
+    """`router.<key>` for the options of every registered router kind.
+
+    A kind's options are extra keys of the recipe's `router` section (e.g. `router.width` for
+    `pregate`), validated against that kind's `Options` model.
+    """
+    keys = {
+        f"router.{key}"
+        for name in ROUTERS.names()
+        for key in ROUTERS.get(name).Options.model_fields
+    }
+    return sorted(keys)
+
+
 def all_recipe_keys() -> list[str]:
-    return [*schema_keys(), *option_keys()]
+    return [*schema_keys(), *option_keys(), *router_option_keys()]
+
+
+def output_formats() -> list[str]:
+    """The values `output.format` accepts (its `Literal` annotation)."""
+    annotation = Recipe.model_fields["output"].annotation.model_fields["format"].annotation
+    return list(typing.get_args(annotation))
 
 
 def documented_rows(text: str) -> Counter:
@@ -147,6 +169,20 @@ def test_schema_walk_finds_nested_keys():
     keys = all_recipe_keys()
     assert {"name", "model", "seed", "calibration.samples", "experts.options"} <= set(keys)
     assert "experts.options.features" in keys  # a strategy option
+    assert {"recover.lora.rank", "recover.distill.kl_weight"} <= set(keys)  # nested sections
+    assert {"router.width", "router.hidden"} <= set(keys)  # router kind options
+
+
+def test_router_options_do_not_shadow_router_settings():
+    """A kind's option named like a common `router` setting could not be told apart from it."""
+    common = set(Recipe.model_fields["router"].annotation.model_fields)
+    clashes = [
+        f"{name}.{key}"
+        for name in ROUTERS.names()
+        for key in ROUTERS.get(name).Options.model_fields
+        if key in common
+    ]
+    assert not clashes, "router kind options clash with router settings: " + ", ".join(clashes)
 
 
 def test_every_recipe_key_has_a_row_in_docs_recipes():
@@ -177,6 +213,15 @@ def test_docs_recipes_documents_no_unknown_keys():
         and key not in known
     ]
     assert not stale, "docs/recipes.md documents keys the recipe schema lacks: " + ", ".join(stale)
+
+
+def test_every_router_kind_and_output_format_is_described():
+    """Each router kind has a row in the router kinds table; each output format is named."""
+    text = RECIPES_DOC.read_text()
+    rows = documented_rows(text)
+    missing = [f"router kind {name}" for name in ROUTERS.names() if rows[name] == 0]
+    missing += [f"output.format {fmt}" for fmt in output_formats() if f"`{fmt}`" not in text]
+    assert not missing, "docs/recipes.md does not describe: " + ", ".join(missing)
 
 
 def test_every_builtin_text_source_is_listed():

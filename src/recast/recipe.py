@@ -28,6 +28,26 @@ def _registered(registry: Registry, name: str) -> str:
     return name
 
 
+def _check_options(
+    schema: type[BaseModel], options: dict, owner: str, prefix: str = "", also_known: list[str] = ()
+) -> None:
+    """Validate a component's `options` against its schema; a ValueError (which pydantic
+    places under the field path) names the key and suggests the closest known one."""
+    try:
+        schema(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        unknown = first["type"] == "extra_forbidden"
+        hint = did_you_mean(key, [*also_known, *schema.model_fields]) if unknown else ""
+        message = "unknown key" if unknown else first["msg"].removeprefix("Value error, ")
+        where = f"{prefix}{key}: " if key else ""
+        raise ValueError(
+            f"{where}{message}{hint} for {owner} "
+            f"(its options: {', '.join(schema.model_fields) or 'none'})"
+        ) from None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,18 +85,12 @@ class ExpertsSpec(Section):
                 f"top_k ({self.top_k}) is larger than count ({self.count}); "
                 f"lower experts.top_k or raise experts.count"
             )
-        options_model = STRATEGIES.get(self.strategy).options
-        try:
-            options_model(**self.options)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            known = list(options_model.model_fields)
-            hint = did_you_mean(key, known) if first["type"] == "extra_forbidden" else ""
-            raise ValueError(
-                f"options.{key}: {first['msg']}{hint} for strategy {self.strategy!r} "
-                f"(its options: {', '.join(known) or 'none'})"
-            ) from None
+        _check_options(
+            STRATEGIES.get(self.strategy).options,
+            self.options,
+            owner=f"strategy {self.strategy!r}",
+            prefix="options.",
+        )
         return self
 
 
@@ -103,20 +117,12 @@ class RouterSpec(Section):
 
     @model_validator(mode="after")
     def _kind_options(self) -> RouterSpec:
-        schema = ROUTERS.get(self.kind).Options
-        try:
-            schema(**self.options)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            known = [*RouterSpec.model_fields, *schema.model_fields]
-            hint = did_you_mean(key, known) if first["type"] == "extra_forbidden" else ""
-            message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-            where = f"{key}: " if key else ""
-            raise ValueError(
-                f"{where}{message.removeprefix('Value error, ')}{hint} for router {self.kind!r} "
-                f"(its options: {', '.join(schema.model_fields) or 'none'})"
-            ) from None
+        _check_options(
+            ROUTERS.get(self.kind).Options,
+            self.options,
+            owner=f"router {self.kind!r}",
+            also_known=list(RouterSpec.model_fields),
+        )
         return self
 
     @property
