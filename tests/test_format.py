@@ -74,3 +74,13 @@ def test_refactor_api_and_reprs():
     assert moe is model
     assert "experts=4x9" in repr(moe.model.layers[0].mlp)
     assert "ModelPartition(strategy='uniform'" in repr(moe.recast.partition)
+
+
+def test_other_format_versions_are_refused(tiny_moe, tmp_path):
+    _, moe, _ = tiny_moe("llama")
+    recast.save(moe, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["recast"]["format_version"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="format version 1"):
+        recast.load(tmp_path / "m")

@@ -170,3 +170,28 @@ def test_recovery_under_accelerate_launch_with_two_processes(tmp_path):
     assert result.stdout.count("saved to") == 1  # only the main process writes the output
     loaded = recast.load(tmp_path / "out")
     assert len([m for m in loaded.modules() if isinstance(m, MoEFFN)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("strategy", "router", "router_steps"),
+    [("uniform", "oracle", 0), ("importance", "layer", 0)],
+)
+def test_recovery_runs_without_calibration_or_router_training(
+    tokenizer, strategy, router, router_steps
+):
+    # Recovery alone still needs training text; a router that is not trained gets no rounds.
+    moe = recast.refactor(
+        tiny_model("llama"),
+        tokenizer=tokenizer,
+        calibration="builtin:pydoc/statements",
+        experts=4,
+        top_k=1,
+        strategy=strategy,
+        router=router,
+        router_options={"steps": router_steps} if router == "layer" else None,
+        recover={"steps": 2, "rounds": 2},
+        samples=4,
+        seq_len=16,
+        progress=False,
+    )
+    assert len(moe_layers(moe)) == 2

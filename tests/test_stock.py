@@ -104,3 +104,15 @@ def test_unsupported_family_for_a_stock_format(tmp_path):
     with pytest.raises(RecastError, match="written from llama, mistral"):
         recast.convert(stock_recipe(checkpoint, "mixtral"), out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_attention_bias_is_refused_before_any_work(tmp_path):
+    import transformers
+
+    from recast.models.families import family_for
+    from recast.models.stock import check_family
+
+    config = transformers.LlamaConfig(attention_bias=True)
+    for fmt in ("mixtral", "qwen2_moe"):
+        with pytest.raises(RecastError, match="attention_bias is true"):
+            check_family(fmt, family_for("llama"), config)

@@ -68,7 +68,7 @@ def format_description(d: dict) -> str:
         return "\n".join(lines)
     lines.append(
         f"  experts: {moe['experts']} per layer, top-{moe['top_k']}, combine {moe['combine']}, "
-        f"router {moe['router']}"
+        f"router {_router_text(moe['router'])}"
     )
     for layer in moe["layers"]:
         widths = layer["expert_widths"]
@@ -77,3 +77,8 @@ def format_description(d: dict) -> str:
             f"{min(widths)}..{max(widths)} wide (sum {sum(widths)})"
         )
     return "\n".join(lines)
+
+
+def _router_text(router: dict) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in router.items() if k != "kind")
+    return f"{router['kind']} ({options})" if options else router["kind"]

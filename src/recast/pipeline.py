@@ -93,10 +93,11 @@ def calibration_sequences(dense: DenseModel, recipe: Recipe) -> dict[str, list[l
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    """Whether the partition or the router needs calibration text."""
+    """Whether the partition, the router or recovery needs calibration text."""
     return (
         STRATEGIES.get(recipe.experts.strategy).needs_stats
         or ROUTERS.get(recipe.router.kind).trainable
+        or recipe.recover.steps > 0
     )
 
 
@@ -174,7 +175,9 @@ def build_moe(dense: DenseModel, partition: ModelPartition, recipe: Recipe) -> n
         for layer in layers:
             layer.add_shared_gate()
         model.recast.shared_gate = True
-    attach_routers(model, r.kind, e.top_k, e.combine, r.options)  # records the router in MoEInfo
+    # Resolved options (defaults included) are what MoEInfo records and loading rebuilds.
+    options = ROUTERS.get(r.kind).Options(**r.options).model_dump()
+    attach_routers(model, r.kind, e.top_k, e.combine, options)
     return model
 
 
@@ -425,8 +428,9 @@ def convert(
     if save and main_process:
         with atomic_directory(target, overwrite) as staging:
             write_output(model, dense, recipe, staging, done.probe, report)
-        checkpoints.remove()
         result.output_dir = target
+    if main_process:
+        checkpoints.remove()  # the run succeeded: nothing left to resume
     return result
 
 

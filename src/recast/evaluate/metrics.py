@@ -23,11 +23,13 @@ def lm_outputs(
     model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
 ) -> LMOutputs:
     log_probs, targets = [], []
+    device = next(model.parameters()).device
     for ids, mask in padded_batches(sequences, batch_size, pad_id):
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         keep = mask[:, 1:].bool()
-        log_probs.append(torch.log_softmax(logits[keep].float(), dim=-1))
-        targets.append(ids[:, 1:][keep])
+        log_probs.append(torch.log_softmax(logits[keep].float(), dim=-1).cpu())
+        targets.append(ids[:, 1:][keep].cpu())
     return LMOutputs(torch.cat(log_probs), torch.cat(targets))
 
 
@@ -56,10 +58,12 @@ def embeddings(
 ) -> Tensor:
     """Mean-pooled last hidden states (sentence-transformers pooling), one row per sequence."""
     rows = []
+    device = next(model.parameters()).device
     for ids, mask in padded_batches(sequences, batch_size, pad_id):
+        ids, mask = ids.to(device), mask.to(device)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         weights = mask[..., None].to(hidden.dtype)
-        rows.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+        rows.append(((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).float().cpu())
     return torch.cat(rows)
 
 

@@ -36,6 +36,8 @@ def moe_count(moe: MoEFFN) -> tuple[int, int]:
     per = _per_neuron(moe.experts)
     widths = moe.experts.widths
     shared = 0 if moe.shared is None else moe.shared.widths[0] * per
+    if moe.shared_gate is not None:
+        shared += moe.shared_gate.weight.numel()
     bias = 0 if moe.down_bias is None else moe.down_bias.numel()
     total = sum(widths) * per + shared + bias
     k = moe.router.top_k

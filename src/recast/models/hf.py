@@ -29,7 +29,7 @@ from .families import Family, family_for
 from .surgery import layer_modules, replace_module
 
 MODEL_TYPE = "recast_moe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `recast.router` is a dict of kind and options
 
 
 @dataclass
@@ -169,7 +169,12 @@ def load(directory: str | Path) -> nn.Module:
             f"load it with transformers directly"
         )
     meta = dict(config["recast"])
-    meta.pop("format_version", None)
+    version = meta.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise FormatError(
+            f"{directory} is recast format version {version}, this recast reads version "
+            f"{FORMAT_VERSION}; convert the model again with this version"
+        )
     info = MoEInfo(**meta)
     base = dict(config["base_config"])
     base_config = transformers.AutoConfig.for_model(base.pop("model_type"), **base)

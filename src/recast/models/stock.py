@@ -1,11 +1,12 @@
-"""Writers for stock MoE formats that plain transformers (and vLLM) load: Mixtral, Qwen2-MoE.
+"""Writers for stock MoE formats that plain transformers loads: Mixtral, Qwen2-MoE.
 
 The recast model is trained under the target's semantics before it is written (linear gates,
 softmax weights, Qwen2-MoE's sigmoid shared-expert gate), so the written model is the trained
 one; what differs is bookkeeping: stock routers renormalise the top-k weights to sum to 1, so
 recast's factor k (see `combine_weights`) is folded into `down_proj`, and experts are stored
 fused as transformers 5 does (`gate_up_proj [E, 2W, H]`, `down_proj [E, H, W]`).
-Every write is checked: the stock model is loaded back and its logits compared with recast's.
+Every write is checked: the stock model is loaded back and its log-probabilities compared
+with recast's.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from .families import Family
 from .hf import info_of, untied_state
 from .surgery import layer_modules
 
-# Logits of the stock model and recast's may differ by fp32 reassociation only.
+# Log-probabilities of the stock model and recast's may differ by fp32 reassociation only.
 PARITY_ATOL = 1e-4
 
 # transformers' grouped-GEMM expert kernels need 16-byte aligned rows; zero neurons pad the
-# expert width up to a multiple of this (they contribute exactly 0).
+# expert width up to a multiple of this many neurons (they contribute exactly 0).
 WIDTH_MULTIPLE = 16
 
 STOCK_FAMILIES = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("llama", "mistral", "qwen2")}
@@ -50,9 +51,10 @@ def check_family(fmt: str, family: Family, config: transformers.PretrainedConfig
         )
     if getattr(config, "mlp_bias", False):
         raise FormatError(f"output.format {fmt} has no FFN biases; this model's mlp_bias is true")
-    if fmt == "mixtral" and getattr(config, "attention_bias", False):
+    if getattr(config, "attention_bias", False):
         raise FormatError(
-            "output.format mixtral has no attention biases; this model's attention_bias is true"
+            f"output.format {fmt} has no bias on the attention output projection; "
+            f"this model's attention_bias is true"
         )
 
 

@@ -73,16 +73,18 @@ class NeuronAccumulator:
         self.reservoir = reservoir
 
     def add(self, h: Tensor, domain: str) -> None:
+        """Fold one batch of activations `[N, I]` (on any device) into the CPU-side sums."""
         h = h.detach().float()
-        magnitude = h.abs().sum(0, dtype=torch.float64)
+        magnitude = h.abs().sum(0, dtype=torch.float64).cpu()
         self.tokens += h.shape[0]
         self.abs_sum += magnitude
-        self.sum += h.sum(0, dtype=torch.float64)
-        self.sq_sum += (h * h).sum(0, dtype=torch.float64)
-        self.positive += (h > 0).sum(0, dtype=torch.float64)
+        self.sum += h.sum(0, dtype=torch.float64).cpu()
+        self.sq_sum += (h * h).sum(0, dtype=torch.float64).cpu()
+        self.positive += (h > 0).sum(0, dtype=torch.float64).cpu()
         self.domain_abs[domain] = self.domain_abs.get(domain, 0) + magnitude
         self.domain_tokens[domain] = self.domain_tokens.get(domain, 0) + h.shape[0]
-        self.reservoir.add(h)
+        if self.reservoir.size:
+            self.reservoir.add(h.cpu())
 
     def result(self) -> LayerStats:
         n = max(self.tokens, 1)
@@ -149,6 +151,7 @@ def calibrate(
         d.register_forward_pre_hook(hook_for(a)) for d, a in zip(downs, accumulators, strict=True)
     ]
     total = sum(len(s) for seqs in domains.values() for s in seqs)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -156,6 +159,7 @@ def calibrate(
             for domain, sequences in domains.items():
                 state["domain"] = domain
                 for ids, mask in padded_batches(sequences, batch_size, pad_id):
+                    ids, mask = ids.to(device), mask.to(device)
                     state["mask"] = mask.reshape(-1).bool()
                     model.base_model(input_ids=ids, attention_mask=mask)
                     bar.update(int(mask.sum()))

@@ -18,7 +18,7 @@ import json
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import peft
@@ -44,7 +44,11 @@ def distributed_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-class ResumeError(RecastError):
+class RecoverError(RecastError):
+    """Recovery cannot run as configured."""
+
+
+class ResumeError(RecoverError):
     """A recovery checkpoint cannot be resumed (missing, or from another recipe)."""
 
 
@@ -257,33 +261,33 @@ def recover(
     progress: bool = True,
     on_round_end: Callable[[int], None] | None = None,
 ) -> dict:
-    """Run the alternating rounds; returns each round's kind, learning rate and loss curve."""
+    """Run the alternating rounds; returns each round's kind, learning rate and losses.
+
+    The student comes back on the CPU with every parameter frozen, as it went in.
+    """
+    if not sequences:
+        raise RecoverError("recovery needs training text, but calibration produced no sequences")
     accelerator = Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
     )
     student.to(accelerator.device)
     teacher.to(accelerator.device)
     router_trainable = any(m.router.trainable for m in student.modules() if isinstance(m, MoEFFN))
-    plan = round_plan(settings.rounds, router_trainable)
+    plan = round_plan(settings.rounds, router_trainable and settings.router.steps > 0)
     done = checkpoints.completed() if resume else 0
     if done:
         checkpoints.load(student, done)
     log = {"rounds": [], "resumed_after": done, "processes": accelerator.num_processes}
     for index in range(done, len(plan)):
-        lr = settings.lr * settings.lr_decay**index
         seed = settings.seed * 1000 + index
         if plan[index] == "experts":
+            lr = settings.lr * settings.lr_decay**index
             losses = expert_round(
                 student, teacher, sequences, settings, lr, seed, pad_id, accelerator, progress
             )
         else:
-            router = TrainSettings(
-                **{
-                    **settings.router.__dict__,
-                    "lr": settings.router.lr * settings.lr_decay**index,
-                    "seed": seed,
-                }
-            )
+            lr = settings.router.lr * settings.lr_decay**index
+            router = replace(settings.router, lr=lr, seed=seed)
             for p in student.parameters():
                 p.requires_grad_(False)
             losses = train_routers(
@@ -299,4 +303,6 @@ def recover(
             on_round_end(index)
     for p in student.parameters():
         p.requires_grad_(False)
+    student.to("cpu")
+    teacher.to("cpu")
     return log

@@ -29,7 +29,7 @@ class OracleRouter(Router):
 
     It runs every expert to look, so it saves nothing: it is the quality upper bound that
     trained routers are measured against. Scores are log-masses, so under `combine: softmax`
-    the weights are each selected expert's share of the selected mass.
+    the weights are k times each selected expert's share of the selected mass.
     """
 
     kind = "oracle"

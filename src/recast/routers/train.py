@@ -74,6 +74,8 @@ def oracle_routing(model: nn.Module):
 
 @torch.no_grad()
 def oracle_batch(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> OracleBatch:
+    device = next(model.parameters()).device
+    ids, attention_mask = ids.to(device), attention_mask.to(device)
     moes = _moes(model)
     keep = attention_mask.reshape(-1).bool()
     hidden: list[Tensor] = [None] * len(moes)
@@ -96,7 +98,8 @@ def oracle_batch(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> Oracl
 
 
 def router_loss(logits: Tensor, mass: Tensor, top_k: int, settings: TrainSettings) -> Tensor:
-    """Read-ME's router loss: (1 - w) x smoothed CE on the oracle top-k + w x soft CE."""
+    """Read-ME's router loss: (1 - w) x smoothed CE on the oracle top-k + w x soft CE.
+    (The pre-gating router's loss is this, averaged over layers.)"""
     log_probs = torch.log_softmax(logits, dim=-1)
     hard = torch.zeros_like(logits).scatter_(1, mass.topk(top_k, dim=-1).indices, 1.0 / top_k)
     eps = settings.label_smoothing
@@ -187,15 +190,16 @@ def routing_quality(
     hits = torch.zeros(len(moes))
     load = torch.zeros(len(moes), num_experts)
     consensus_hits = torch.zeros(len(moes))
+    # Statistics accumulate on the CPU whatever device the model runs on.
     agreement = torch.zeros(len(moes), len(moes))
     tokens = 0
     for ids, mask in padded_batches(sequences, batch_size, pad_id):
         batch = oracle_batch(model, ids, mask)
-        oracle_top = [m.topk(top_k, dim=-1).indices for m in batch.mass]
-        chosen = _chosen_experts(model, batch)
+        oracle_top = [m.topk(top_k, dim=-1).indices.cpu() for m in batch.mass]
+        chosen = [c.cpu() for c in _chosen_experts(model, batch)]
         # The best single decision for all layers: top-k of the summed normalised masses.
         normalised = sum(m / m.sum(-1, keepdim=True).clamp(min=1e-12) for m in batch.mass)
-        consensus = normalised.topk(top_k, dim=-1).indices
+        consensus = normalised.topk(top_k, dim=-1).indices.cpu()
         first = [t[:, 0] for t in oracle_top]
         for layer, (truth, picked) in enumerate(zip(oracle_top, chosen, strict=True)):
             hits[layer] += _overlap(picked, truth)
