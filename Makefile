@@ -24,8 +24,13 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-bench: setup
+# The trained tiny Llama LM that decoder recipes and the quality benchmark use.
+exported/tiny-lm: | setup
+	$(BIN)/python scripts/train_tiny_lm.py --out $@
+
+bench: setup exported/tiny-lm
 	$(BIN)/python scripts/bench_convert.py
+	$(BIN)/python scripts/bench_quality.py
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

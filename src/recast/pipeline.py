@@ -1,7 +1,9 @@
-"""The conversion pipeline: load -> calibrate -> partition -> build -> evaluate -> save.
+"""The conversion pipeline: load -> calibrate -> partition -> build -> route -> recover ->
+evaluate -> save.
 
-Each stage is a plain function; `convert` composes them and writes the output directory
-atomically (a failed run leaves nothing behind).
+Each stage is a plain function; `transform` composes the ones that change the model (shared by
+`recast.convert` and `recast.refactor`), and `convert` adds loading, evaluation and an atomic
+write of the output directory (a failed run leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ def calibration_sequences(dense: DenseModel, recipe: Recipe) -> dict[str, list[l
         name: sequences_for(dense, source, "calibration", cal.samples, cal.seq_len, recipe.seed)
         for name, source in sources.items()
     }
+
+
+def pooled(sequences: dict[str, list[list[int]]]) -> list[list[int]]:
+    """Every domain's sequences in one list (what router training and recovery train on)."""
+    return [seq for domain in sequences.values() for seq in domain]
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -202,8 +209,7 @@ def train_router(
     progress: bool,
 ) -> list[float]:
     """Fit a trainable router to the dense oracle on the calibration text (all domains)."""
-    pooled = [seq for domain in sequences.values() for seq in domain]
-    return train_routers(model, pooled, router_settings(recipe), pad_id, progress)
+    return train_routers(model, pooled(sequences), router_settings(recipe), pad_id, progress)
 
 
 class Evaluator:
@@ -339,11 +345,10 @@ def transform(
         if evaluator is not None and evaluator.enabled:
             before = evaluator.fidelity(model)
         log.info("recovering quality from the dense teacher (%d rounds)", recipe.recover.rounds)
-        pooled = [seq for domain in sequences.values() for seq in domain]
         recovery = recover(
             model,
             teacher(),
-            pooled,
+            pooled(sequences),
             recover_settings(recipe),
             _pad_id(dense),
             checkpoints,
@@ -354,7 +359,7 @@ def transform(
     if evaluator is not None and evaluator.enabled:
         probe = evaluator.sequences
     else:
-        probe = [seq for domain in sequences.values() for seq in domain][:8]
+        probe = pooled(sequences)[:8]
     return Transformed(model, partition, evaluator, probe, router_losses, before, recovery)
 
 
