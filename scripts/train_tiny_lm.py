@@ -94,13 +94,30 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
     tokenizer.train_from_iterator(docs, trainer)
     bos = SPECIAL_TOKENS["bos"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.token_to_id(bos))],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         model_max_length=MAX_POSITIONS,
         **{f"{role}_token": token for role, token in SPECIAL_TOKENS.items()},
     )
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerFast, docs: list[str], samples: int, settings: Settings
+) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens, cut the way recast cuts calibration text."""
+    ids = token_sequences(
+        tokenizer,
+        docs,
+        samples=samples,
+        seq_len=settings.seq_len,
+        mode="stream",
+        seed=settings.seed,
+    )
+    return torch.tensor(ids)
 
 
 def build_model(settings: Settings, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -112,19 +129,21 @@ def build_model(settings: Settings, tokenizer: PreTrainedTokenizerFast) -> Llama
         num_attention_heads=settings.heads,
         num_key_value_heads=settings.kv_heads,
         max_position_embeddings=tokenizer.model_max_length,
-        tie_word_embeddings=True,  # a third of the parameters otherwise, for little gain at this size
+        tie_word_embeddings=True,  # an untied head adds vocab x hidden weights this little text can't train
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(settings.seed)  # the weights depend on the seed alone
-    return LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(config)
 
 
-def make_optimizer(model: torch.nn.Module, settings: Settings) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    model: torch.nn.Module, settings: Settings
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with linear warmup, then cosine decay to a tenth of the peak rate."""
     # Decay matrices only: shrinking norm gains towards zero only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -187,11 +206,8 @@ def build_tiny_lm(out: Path, settings: Settings, overwrite: bool = False) -> dic
         train_docs, eval_docs = training_documents()
         tokenizer = train_tokenizer(train_docs, settings.vocab_size)
 
-        def windows(docs: list[str], samples: int) -> torch.Tensor:
-            ids = token_sequences(tokenizer, docs, samples=samples, seq_len=settings.seq_len, mode="stream", seed=settings.seed)
-            return torch.tensor(ids)
-
-        train_windows, eval_windows = windows(train_docs, ALL_WINDOWS), windows(eval_docs, EVAL_WINDOWS)
+        train_windows = token_windows(tokenizer, train_docs, ALL_WINDOWS, settings)
+        eval_windows = token_windows(tokenizer, eval_docs, EVAL_WINDOWS, settings)
         print(
             f"{len(train_docs)} training documents -> {train_windows.numel()} tokens in {len(train_windows)} windows, "
             f"{len(eval_docs)} held-out documents -> {len(eval_windows)} windows; vocab {len(tokenizer)}",
@@ -246,9 +262,13 @@ def ensure_tiny_lm(path: str | Path = DEFAULT_OUT, **settings: int | float) -> P
             if not record.is_file():  # not a concurrent build that finished first
                 raise
     built = json.loads(record.read_text())["settings"]
-    differing = {name: built.get(name) for name, value in settings.items() if built.get(name) != value}
+    differing = {
+        name: built.get(name) for name, value in settings.items() if built.get(name) != value
+    }
     if differing:
-        raise OutputExistsError(f"{path} was built with {differing}, not the settings asked for; delete it or use another path")
+        raise OutputExistsError(
+            f"{path} was built with {differing}, not the settings asked for; delete it or use another path"
+        )
     return path
 
 
@@ -259,12 +279,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "as a fixture for MoE conversions. Trains on the calibration part of every built-in source "
         "and reports perplexity on the held-out evaluation part. About 5 minutes on 2 CPU cores.",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights and data order (default: %(default)s)")
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary size, special tokens included (default: %(default)s)")
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help=f"hidden size, a multiple of the head size {HEAD_DIM}; the FFN is 3x this (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=defaults.layers, help="decoder layers (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed for weights and data order (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=defaults.vocab_size,
+        help="BPE vocabulary size, special tokens included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=defaults.hidden,
+        help=f"hidden size, a multiple of the head size {HEAD_DIM}; the FFN is 3x this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=defaults.layers, help="decoder layers (default: %(default)s)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if args.hidden < HEAD_DIM or args.hidden % HEAD_DIM:
@@ -276,7 +317,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(steps=args.steps, seed=args.seed, vocab_size=args.vocab_size, hidden=args.hidden, layers=args.layers)
+    settings = Settings(
+        steps=args.steps,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+        hidden=args.hidden,
+        layers=args.layers,
+    )
     try:
         report = build_tiny_lm(args.out, settings, overwrite=args.overwrite)
     except OutputExistsError as err:

@@ -33,6 +33,7 @@ class TrainSettings:
     label_smoothing: float = 0.1
     load_balance: float = 0.0  # weight of the Switch-style balance loss
     seed: int = 0
+    cache_bytes: int = 1 << 30  # oracle labels kept for reuse across epochs, at most
 
 
 @dataclass
@@ -97,6 +98,29 @@ def oracle_batch(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> Oracl
     return OracleBatch(ids, attention_mask.bool(), hidden, mass)
 
 
+class OracleCache:
+    """Oracle batches by index, computed once and kept while they fit in `budget` bytes.
+
+    Labels come from a full backbone forward; the routers see each batch many times, and the
+    experts do not change while routers train, so a batch's labels can be reused.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]], budget: int):
+        self.model, self.batches, self.budget = model, batches, budget
+        self.kept: dict[int, OracleBatch] = {}
+        self.used = 0
+
+    def __getitem__(self, index: int) -> OracleBatch:
+        if index in self.kept:
+            return self.kept[index]
+        batch = oracle_batch(self.model, *self.batches[index])
+        size = sum(t.numel() * t.element_size() for t in [*batch.hidden, *batch.mass])
+        if self.used + size <= self.budget:
+            self.kept[index] = batch
+            self.used += size
+        return batch
+
+
 def router_loss(logits: Tensor, mass: Tensor, top_k: int, settings: TrainSettings) -> Tensor:
     """Read-ME's router loss: (1 - w) x smoothed CE on the oracle top-k + w x soft CE.
     (The pre-gating router's loss is this, averaged over layers.)"""
@@ -156,13 +180,13 @@ def train_routers(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
     order = random.Random(settings.seed)
     batches = list(padded_batches(sequences, settings.batch_size, pad_id))
+    labels = OracleCache(model, batches, settings.cache_bytes)
     losses = []
     was_training = model.training
     model.eval()  # no dropout in the backbone that produces the labels
     with tqdm(range(settings.steps), desc="train router", disable=not progress) as bar:
         for _ in bar:
-            ids, mask = batches[order.randrange(len(batches))]
-            batch = oracle_batch(model, ids, mask)
+            batch = labels[order.randrange(len(batches))]
             with torch.enable_grad():
                 pairs = list(zip(router_logits(model, batch), batch.mass, strict=True))
                 loss = sum(router_loss(z, m, top_k, settings) for z, m in pairs) / len(pairs)
