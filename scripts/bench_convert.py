@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -303,7 +304,7 @@ def measure(case: Case, out_root: Path, stages: bool, repeat: int = 1) -> dict:
         "dense_use_peak": dense["peak"],
         "dense_stages": dense["stages"],
         "convert_peak": converted["peak"],
-        "convert_seconds": converted["seconds"],
+        "convert_seconds": statistics.median(r["seconds"] for r in runs),
         "conversion_seconds_without_save": converted["conversion_seconds"],
         "convert_import_rss": converted["import_rss"],
         "convert_stages": converted["stages"],
@@ -383,7 +384,7 @@ def legend() -> str:
     return (
         "MB = MiB. import: RSS after `import recast`. dense use: peak RSS of load_dense + one "
         f"forward of a {BATCH}x{SEQ_LEN} batch. convert: peak RSS of recast.convert (save "
-        "included; the median run with --repeat). act/batch: one calibration batch's activations in one layer, "
+        "included; with --repeat, the run with the median peak). convert s: median wall time. act/batch: one calibration batch's activations in one layer, "
         f"{BATCH}*{SEQ_LEN}*(4*hidden + 3*intermediate)*4 bytes (rough upper bound). "
         f"target: (convert - import)/ckpt < {TARGET_FACTOR} + act/ckpt. conv/dense: convert "
         "peak / dense-use peak."

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{report['recipe_name']}: router recall {r['mean_recall']:.3f}, load CV {r['mean_load_cv']:.3f}, "
             f"oracle cross-layer top-1 agreement {r['oracle_top1_agreement']:.3f}, "
-            f"router share of active params {report['metrics']['router_cost_share']:.2%}, "
+            f"router {report['metrics']['router_params']:,} params, "
+            f"{report['metrics']['router_compute_share']:.2%} of per-token compute, "
             f"{report['wall_seconds']:.0f} s"
         )
     _bench.write_json(args.json, {"machine": machine, "date": _bench.today(), "reports": reports})

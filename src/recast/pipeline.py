@@ -250,7 +250,7 @@ class Evaluator:
             "dense_params": self.dense_count.total,
             "active_ffn_fraction": count.active_ffn_fraction,
             "router_params": count.router,
-            "router_cost_share": count.router / count.active,
+            "router_compute_share": count.router_compute_share,
         }
         if not self.enabled:
             return result

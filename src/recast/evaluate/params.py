@@ -18,6 +18,13 @@ class ParamCount:
     ffn_total: int
     ffn_active: int
     router: int = 0  # parameters of the routers (per-layer gates or the pre-gating network)
+    router_lookup: int = 0  # of which embedding tables: looked up, not multiplied
+
+    @property
+    def router_compute_share(self) -> float:
+        """The routers' share of per-token multiply-adds (embedding lookups cost none)."""
+        compute = self.router - self.router_lookup
+        return compute / (self.active - self.router_lookup) if self.active else 0.0
 
     @property
     def active_ffn_fraction(self) -> float:
@@ -55,13 +62,16 @@ def count_parameters(model: nn.Module, family: Family) -> ParamCount:
         ffn_active = sum(c[1] for c in counts)
         routers = sum(p.numel() for m in moes for p in m.router.parameters())
         pregate = getattr(model, "recast_router", None)
-        routers += 0 if pregate is None else sum(p.numel() for p in pregate.parameters())
+        lookup = 0
+        if pregate is not None:
+            routers += sum(p.numel() for p in pregate.parameters())
+            lookup = sum(m.weight.numel() for m in pregate.modules() if isinstance(m, nn.Embedding))
         stored_ffn = sum(p.numel() for m in moes for p in m.parameters()) - sum(
             p.numel() for m in moes for p in m.router.parameters()
         )
         total -= stored_ffn - ffn_total  # padding neurons are storage, not parameters
         active = total - ffn_total + ffn_active
-        return ParamCount(total, active, ffn_total, ffn_active, routers)
+        return ParamCount(total, active, ffn_total, ffn_active, routers, lookup)
     ffn_total = 0
     for i, layer in enumerate(layer_modules(model, family)):
         ffn = dense_ffn(layer, family, i)

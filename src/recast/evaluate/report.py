@@ -25,7 +25,7 @@ _ROWS = [
     ("dense_params", "dense parameters", "{:,}"),
     ("active_ffn_fraction", "active FFN fraction", "{:.3f}"),
     ("router_params", "router parameters", "{:,}"),
-    ("router_cost_share", "router share of active parameters", "{:.2%}"),
+    ("router_compute_share", "router share of per-token compute", "{:.2%}"),
     ("conversion_seconds", "conversion time (s)", "{:.1f}"),
     ("peak_rss_mb", "peak memory (RSS, MiB)", "{:,.0f}"),
 ]
