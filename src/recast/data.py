@@ -6,6 +6,8 @@ The built-in sources are Python's own documentation, which every CPython ships, 
 and tests run offline; the sub-domains let a recipe name several distinct text domains.
 """
 
+from __future__ import annotations
+
 import glob
 import hashlib
 import importlib
@@ -14,11 +16,12 @@ import random
 import re
 from pathlib import Path
 from pydoc_data.topics import topics as _PYDOC_TOPICS
-from typing import Literal
-
-import datasets
+from typing import TYPE_CHECKING, Literal
 
 from recast.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILTIN_SOURCES: dict[str, str] = {
     "builtin:pydoc": "every pydoc topic of the running Python (the language reference, ~65k words)",
@@ -83,6 +86,8 @@ def load_documents(source: str) -> list[str]:
 
 
 def _load_dataset(source: str) -> datasets.Dataset:
+    import datasets  # lazily: importing it costs ~115 MiB and seconds
+
     if source.startswith("builtin:"):
         return datasets.Dataset.from_dict({"text": _builtin_texts(source)})
     if glob.has_magic(source):
@@ -140,6 +145,8 @@ def _docstrings() -> list[str]:
 
 
 def _load_files(files: list[Path], source: str) -> datasets.Dataset:
+    import datasets  # lazily: importing it costs ~115 MiB and seconds
+
     builders = {_FILE_BUILDERS.get(file.suffix.lower()) for file in files}
     if None in builders:
         raise DataError(
@@ -160,6 +167,8 @@ def _load_files(files: list[Path], source: str) -> datasets.Dataset:
 
 
 def _load_saved(path: Path, source: str) -> datasets.Dataset:
+    import datasets  # lazily: importing it costs ~115 MiB and seconds
+
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     if not any((path / marker).exists() for marker in markers):
         raise DataError(
@@ -172,6 +181,8 @@ def _load_saved(path: Path, source: str) -> datasets.Dataset:
 
 
 def _load_hub(name: str, config: str | None, split: str, source: str) -> datasets.Dataset:
+    import datasets  # lazily: importing it costs ~115 MiB and seconds
+
     try:
         return datasets.load_dataset(name, config, split=split)
     except ConnectionError as err:

@@ -5,12 +5,15 @@ a model directory, or hub ids when online. Pickle checkpoints are refused unless
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
 import transformers
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..errors import ModelLoadError, PickleCheckpointError
 from .families import Family, family_for
@@ -98,11 +101,39 @@ def load_dense(
         check_weight_files(Path(source), trust_pickle)
     auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
     try:
-        model = auto.from_pretrained(source, dtype=dtype, weights_only=True)
+        state = read_safetensors(Path(source)) if Path(source).is_dir() else None
+        if state is not None:
+            model_cls = (MODEL_FOR_CAUSAL_LM_MAPPING if family.causal_lm else MODEL_MAPPING)[
+                type(config)
+            ]
+            model = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+        else:
+            model = auto.from_pretrained(source, dtype=dtype, weights_only=True)
     except Exception as exc:  # corrupt files surface as many types (SafetensorError, EOFError...)
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from exc
     validate_layout(model, family)
     return DenseModel(model.eval(), family, tokenizer_for(source), spec)
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's tensors read into ordinary memory (None: not a safetensors directory).
+
+    transformers would map the files instead; mapped weights keep the whole file resident for
+    as long as any tensor of it lives, so the dense FFNs that conversion drops one layer at a
+    time would stay in memory beside the experts built from them.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        return None
+    state = {}
+    for name in files:
+        with safetensors.safe_open(str(directory / name), framework="pt", backend="pread") as f:
+            state.update({key: f.get_tensor(key) for key in f.keys()})
+    return state
 
 
 def validate_layout(model: nn.Module, family: Family) -> None:

@@ -8,6 +8,7 @@ for the strategies that cluster. Nothing grows with the number of calibration to
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ class Reservoir:
         self.seen += batch.shape[0]
 
     def sample(self) -> Tensor:
-        return self.rows[: min(self.seen, self.size)].clone()
+        return self.rows[: min(self.seen, self.size)]
 
 
 class NeuronAccumulator:
@@ -73,14 +74,18 @@ class NeuronAccumulator:
         self.reservoir = reservoir
 
     def add(self, h: Tensor, domain: str) -> None:
-        """Fold one batch of activations `[N, I]` (on any device) into the CPU-side sums."""
+        """Fold one batch of activations `[N, I]` (on any device) into the CPU-side sums.
+
+        A batch is summed in float32 (a float64 reduction would first copy the whole batch);
+        the running totals are float64 so that long calibrations do not lose precision.
+        """
         h = h.detach().float()
-        magnitude = h.abs().sum(0, dtype=torch.float64).cpu()
+        magnitude = h.abs().sum(0).double().cpu()
         self.tokens += h.shape[0]
         self.abs_sum += magnitude
-        self.sum += h.sum(0, dtype=torch.float64).cpu()
-        self.sq_sum += (h * h).sum(0, dtype=torch.float64).cpu()
-        self.positive += (h > 0).sum(0, dtype=torch.float64).cpu()
+        self.sum += h.sum(0).double().cpu()
+        self.sq_sum += h.square().sum(0).double().cpu()
+        self.positive += (h > 0).sum(0).double().cpu()
         self.domain_abs[domain] = self.domain_abs.get(domain, 0) + magnitude
         self.domain_tokens[domain] = self.domain_tokens.get(domain, 0) + h.shape[0]
         if self.reservoir.size:
@@ -143,7 +148,7 @@ def calibrate(
     def hook_for(acc: NeuronAccumulator):
         def hook(module, args):
             h = args[0].reshape(-1, acc.width)
-            acc.add(h[state["mask"]], state["domain"])
+            acc.add(h if state["all_real"] else h[state["mask"]], state["domain"])
 
         return hook
 
@@ -154,6 +159,7 @@ def calibrate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    return_freed_memory_to_the_system()
     try:
         with tqdm(total=total, unit="tok", desc="calibrate", disable=not progress) as bar:
             for domain, sequences in domains.items():
@@ -161,6 +167,7 @@ def calibrate(
                 for ids, mask in padded_batches(sequences, batch_size, pad_id):
                     ids, mask = ids.to(device), mask.to(device)
                     state["mask"] = mask.reshape(-1).bool()
+                    state["all_real"] = bool(state["mask"].all())  # no copy when nothing is padding
                     model.base_model(input_ids=ids, attention_mask=mask)
                     bar.update(int(mask.sum()))
     finally:
@@ -168,6 +175,21 @@ def calibrate(
             handle.remove()
         model.train(was_training)
     return [a.result() for a in accumulators]
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Have glibc serve large blocks (>= 1 MiB) with mmap, so that freed activation buffers go
+    back to the system instead of fragmenting the heap.
+
+    glibc raises that threshold by itself after large frees, which calibration makes every
+    batch; the heap then keeps hundreds of MiB it no longer uses. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _input_width(down: nn.Module, family: Family) -> int:
