@@ -64,32 +64,24 @@ def schema_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
     return keys
 
 
-def option_keys() -> list[str]:
-    """`experts.options.<key>` for the options of every registered partition strategy."""
+def registry_option_keys(registry, prefix: str, schema) -> list[str]:
+    """`<prefix><key>` for each option of each registered component; `schema(component)` is
+    the component's options model. Router kinds' options are extra keys of the `router`
+    section (e.g. `router.width` for `pregate`); strategies' live under `experts.options`."""
     keys = {
-        f"experts.options.{key}"
-        for name in STRATEGIES.names()
-        for key in STRATEGIES.get(name).options.model_fields
-    }
-    return sorted(keys)
-
-
-def router_option_keys() -> list[str]:
-    """`router.<key>` for the options of every registered router kind.
-
-    A kind's options are extra keys of the recipe's `router` section (e.g. `router.width` for
-    `pregate`), validated against that kind's `Options` model.
-    """
-    keys = {
-        f"router.{key}"
-        for name in ROUTERS.names()
-        for key in ROUTERS.get(name).Options.model_fields
+        f"{prefix}{key}"
+        for name in registry.names()
+        for key in schema(registry.get(name)).model_fields
     }
     return sorted(keys)
 
 
 def all_recipe_keys() -> list[str]:
-    return [*schema_keys(), *option_keys(), *router_option_keys()]
+    return [
+        *schema_keys(),
+        *registry_option_keys(STRATEGIES, "experts.options.", lambda strategy: strategy.options),
+        *registry_option_keys(ROUTERS, "router.", lambda router: router.Options),
+    ]
 
 
 def output_formats() -> list[str]:
