@@ -36,6 +36,12 @@ def write_recipe(path, **overrides):
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def run_cli(args, capsys):
     capsys.readouterr()  # drop what fixtures printed
     code = main([str(a) for a in args])
@@ -63,6 +69,7 @@ def test_convert_writes_every_output_file(llama_dir, tmp_path, capsys):
     assert report["metrics"]["active_ffn_fraction"] < 1
     assert "perplexity ratio" in stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # staging removed
+    assert out.stat().st_mode & 0o077 == 0o777 & ~_umask() & 0o077  # not mkdtemp's private 0700
 
 
 def test_existing_output_needs_overwrite(llama_dir, tmp_path, capsys):

@@ -6,6 +6,7 @@ the caller says so.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     check_writable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # mkdtemp makes a private (0700) directory; the output is an ordinary one (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         check_writable(target, overwrite)  # someone may have written it while we worked
