@@ -211,3 +211,64 @@ def test_inspect_reports_experts(llama_dir, tmp_path, capsys):
     )
     code, stdout, _ = run_cli(["inspect", llama_dir], capsys)
     assert code == 0 and "dense model" in stdout
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    assert main(["export", str(llama_dir), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_export_run_and_bench_a_dense_checkpoint(llama_bundle, capsys):
+    manifest = json.loads((llama_bundle / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and "tokenizer.json" in manifest["files"]
+    code, out, _ = run_cli(["run", llama_bundle, "--prompt", "def f(x):", "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["prompt"] == "def f(x):"
+    code, out, _ = run_cli(["bench", llama_bundle, "--repeat", "2", "--new-tokens", "4"], capsys)
+    assert code == 0 and "decode tok/s" in out and "1.00x" in out
+
+
+def test_run_refuses_a_tampered_bundle(llama_bundle, tmp_path, capsys):
+    import shutil
+
+    copy = shutil.copytree(llama_bundle, tmp_path / "copy")
+    data = copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    code, _, err = run_cli(["run", copy, "--prompt", "x"], capsys)
+    assert_one_line_error(code, err, "model.onnx.data fails its sha256 check")
+    code, _, err = run_cli(["run", llama_bundle, "--text", "x"], capsys)
+    assert_one_line_error(code, err, "embed() needs an encoder bundle")
+
+
+def test_export_refuses_impossible_settings_and_existing_output(
+    llama_dir, llama_bundle, tmp_path, capsys
+):
+    code, _, err = run_cli(["export", llama_dir, "--out", llama_bundle], capsys)
+    assert_one_line_error(code, err, "--overwrite")
+    code, _, err = run_cli(
+        ["export", llama_dir, "--out", tmp_path / "x", "--format", "pt2", "--quantize", "int8"],
+        capsys,
+    )
+    assert_one_line_error(code, err, "quantize is for format onnx")
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_export_section_writes_a_bundle(llama_dir, tmp_path, capsys):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        model=str(llama_dir),
+        router={"kind": "layer", "steps": 5},
+        export={"format": "onnx"},
+    )
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["convert", recipe, "--out", out, "--quiet"], capsys)
+    assert code == 0, stdout
+    bundle = tmp_path / "out-onnx"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["routing"]["router"]["kind"] == "layer"
+    assert manifest["source"] == str(out) and "recipe.yaml" in manifest["files"]
+    assert f"bundle (parity checked) in {bundle}" in stdout

@@ -9,13 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recast",
-        description="Convert pretrained dense transformers into Mixture-of-Experts models.",
+        description="Convert pretrained dense transformers into Mixture-of-Experts models, "
+        "export them to bundles and run them.",
         epilog="Recipes are documented in docs/recipes.md; examples live in recipes/.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -71,6 +74,78 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="a recast output directory or a dense checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
+
+    export = sub.add_parser(
+        "export",
+        help="export a model to a bundle (ONNX or pt2) that passed the parity gate",
+        description="Export a recast output or a dense checkpoint to a bundle: graphs, "
+        "tokenizer and a manifest with checksums and the parity record. The bundle is run "
+        "against the torch model on several shapes before it is written; on a mismatch "
+        "nothing is written. Docs: docs/export.md.",
+    )
+    export.add_argument(
+        "model", help="recast output dir, dense checkpoint dir, package:<module> or hub id"
+    )
+    export.add_argument("--out", required=True, help="bundle directory to write")
+    export.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    export.add_argument(
+        "--target",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: fp16 weights, optimized and checked on onnxruntime's CUDA provider",
+    )
+    export.add_argument(
+        "--quantize", choices=["int8"], help="int8 dynamic quantization of matmul weights (cpu)"
+    )
+    export.add_argument(
+        "--expert-budget-mb",
+        type=float,
+        metavar="MB",
+        help="per-expert bitwidths (4/8/32) chosen by importance so experts fit in MB (cpu)",
+    )
+    export.add_argument(
+        "--moe-op",
+        choices=["auto", "gather", "contrib"],
+        default="auto",
+        help="how MoE layers lower to ONNX (auto: gather on cpu, contrib on cuda)",
+    )
+    export.add_argument("--compile", action="store_true", help="pt2: add an AOTInductor package")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    export.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
+    export.add_argument("--quiet", action="store_true", help="no stage messages")
+
+    run = sub.add_parser(
+        "run",
+        help="run a bundle: generate from a prompt (decoders) or embed texts (encoders)",
+        description="Run an exported bundle with recast's runtime (onnxruntime; no torch "
+        "needed for ONNX bundles). The bundle's checksums are verified first.",
+    )
+    run.add_argument("bundle", help="bundle directory (made by `recast export`)")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to continue (decoder bundles)")
+    what.add_argument("--text", action="append", help="text to embed (encoder bundles; repeatable)")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, help="sampling seed")
+    run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    run.add_argument("--json", action="store_true", help="print JSON")
+
+    bench = sub.add_parser(
+        "bench",
+        help="prefill latency percentiles and decode tokens/s of one or more bundles",
+        description="Time bundles side by side with recast's runtime; the first bundle is "
+        "the baseline of the speedup column.",
+    )
+    bench.add_argument("bundles", nargs="+", help="bundle directories")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--length", type=int, default=64, help="prompt tokens")
+    bench.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (decoders)")
+    bench.add_argument("--repeat", type=int, default=20)
+    bench.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    bench.add_argument("--device", choices=["cpu", "cuda"])
+    bench.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -95,6 +170,8 @@ def _convert(args) -> int:
     if result.output_dir is not None:  # the main process, under a multi-process launch
         print(result.report.table())
         print(f"\nsaved to {result.output_dir}")
+        if result.bundle_dir is not None:
+            print(f"bundle (parity checked) in {result.bundle_dir}")
     return 0
 
 
@@ -117,17 +194,127 @@ def _inspect(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export
+
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="recast: %(message)s", stream=sys.stderr)
+    spec = dict(
+        format=args.format,
+        target=args.target,
+        quantize=_quantize_setting(args),
+        moe_op=args.moe_op,
+        compile=args.compile,
+    )
+    out = export(
+        args.model, args.out, spec, overwrite=args.overwrite, trust_pickle=args.trust_pickle
+    )
+    from .runtime.manifest import read_manifest
+
+    manifest = read_manifest(out, verify=False)
+    parity = manifest["parity"]
+    size = sum(f["size"] for f in manifest["files"].values()) / 2**20
+    print(
+        f"{out}: {manifest['kind']} {manifest['artifact']} bundle, {manifest['precision']}, "
+        f"{size:.1f} MiB; parity {parity['metric']} {parity['max_error']:.2e} "
+        f"(tolerance {parity['tolerance']:g}) over {len(parity['cases'])} cases"
+    )
+    return 0
+
+
+def _quantize_setting(args):
+    from .errors import RecipeError
+
+    if args.quantize and args.expert_budget_mb:
+        raise RecipeError("give --quantize int8 or --expert-budget-mb, not both")
+    if args.expert_budget_mb:
+        return {"experts": {"budget_mb": args.expert_budget_mb}}
+    return args.quantize
+
+
+def _run(args) -> int:
+    from .runtime import load
+
+    session = load(args.bundle, device=args.device)
+    if args.prompt is not None:
+        text = session.generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        print(json.dumps({"prompt": args.prompt, "completion": text}) if args.json else text)
+        return 0
+    vectors = session.embed(args.text)
+    if args.json:
+        print(json.dumps({"texts": args.text, "embeddings": vectors.tolist()}))
+    else:
+        for text, vector in zip(args.text, vectors, strict=True):
+            head = " ".join(f"{v:+.3f}" for v in vector[:6])
+            print(f"{text[:40]!r}: [{head} ...] ({len(vector)} dims)")
+        if len(args.text) > 1:
+            print("cosine similarities:\n" + str(np.round(vectors @ vectors.T, 3)))
+    return 0
+
+
+def _bench(args) -> int:
+    from .runtime import load
+    from .runtime.bench import measure
+
+    rows = []
+    for bundle in args.bundles:
+        session = load(bundle, device=args.device, threads=args.threads)
+        result = measure(session, args.batch, args.length, args.new_tokens, args.repeat)
+        parity = session.manifest["parity"]
+        rows.append(
+            {
+                "bundle": bundle,
+                "precision": session.manifest["precision"],
+                "parity_error": parity["max_error"],
+                **result,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    base = rows[0]["prefill"]["p50_ms"]
+    print(
+        f"{'bundle':<32} {'precision':>9} {'parity':>9} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'p99 ms':>8} {'speedup':>8} {'decode tok/s':>13}"
+    )
+    for row in rows:
+        p = row["prefill"]
+        decode = row.get("decode_tokens_per_s")
+        print(
+            f"{row['bundle'][-32:]:<32} {row['precision']:>9} {row['parity_error']:>9.1e} "
+            f"{p['p50_ms']:>8.2f} {p['p95_ms']:>8.2f} {p['p99_ms']:>8.2f} "
+            f"{base / p['p50_ms']:>7.2f}x {'-' if decode is None else f'{decode:.1f}':>13}"
+        )
+    print(f"(batch {rows[0]['batch']} x {rows[0]['length']} tokens; speedup vs the first bundle)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import transformers
-
     from .errors import RecastError
 
-    # recast reports its own stages; transformers' per-file bars would only add noise.
-    transformers.utils.logging.disable_progress_bar()
+    if args.command not in ("run", "bench"):  # these two run without torch
+        import transformers
 
+        # recast reports its own stages; transformers' per-file bars would only add noise.
+        transformers.utils.logging.disable_progress_bar()
+    commands = {
+        "convert": _convert,
+        "validate": _validate,
+        "inspect": _inspect,
+        "export": _export,
+        "run": _run,
+        "bench": _bench,
+    }
     try:
-        return {"convert": _convert, "validate": _validate, "inspect": _inspect}[args.command](args)
+        return commands[args.command](args)
     except RecastError as exc:
         if args.debug:
             raise

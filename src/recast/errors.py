@@ -42,3 +42,23 @@ class OutputExistsError(RecastError):
 
 class FormatError(RecastError):
     """A saved directory is not in a format recast can read."""
+
+
+class ParityError(RecastError):
+    """A written or exported model computes something other than the model it came from."""
+
+
+class ExportError(RecastError):
+    """A model cannot be exported to the asked format or target."""
+
+
+class BundleIntegrityError(RecastError):
+    """An exported bundle is incomplete or was modified after export (checksums disagree)."""
+
+
+class RuntimeInputError(RecastError):
+    """Inputs given to a bundle's session do not fit it (dtype, vocabulary, length)."""
+
+
+class DeviceUnavailableError(RecastError):
+    """The asked device (CUDA) is not usable on this machine."""

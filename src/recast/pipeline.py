@@ -64,6 +64,7 @@ class ConversionResult:
     recipe: Recipe
     output_dir: Path | None
     tokenizer: object = None
+    bundle_dir: Path | None = None  # the recipe's `export:` bundle
 
     def __repr__(self) -> str:
         out = f", saved to {str(self.output_dir)!r}" if self.output_dir else ""
@@ -391,8 +392,11 @@ def convert(
     recipe = load_recipe(recipe, overrides)
     target = Path(out) if out else recipe.output_dir
     main_process = distributed_state().is_main_process
+    bundle = export_dir(recipe, target)
     if save:
         check_writable(target, overwrite)  # fail before the expensive work
+        if bundle is not None:
+            check_writable(bundle, overwrite)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
@@ -434,9 +438,29 @@ def convert(
         with atomic_directory(target, overwrite) as staging:
             write_output(model, dense, recipe, staging, done.probe, report)
         result.output_dir = target
+        if bundle is not None:
+            from .export import export_bundle
+
+            log.info("exporting to %s", bundle)
+            result.bundle_dir = export_bundle(
+                model,
+                bundle,
+                recipe.export,
+                tokenizer=dense.tokenizer,
+                recipe_yaml=recipe.to_yaml(),
+                source=str(target),
+                overwrite=overwrite,
+            )
     if main_process:
         checkpoints.remove()  # the run succeeded: nothing left to resume
     return result
+
+
+def export_dir(recipe: Recipe, output: Path) -> Path | None:
+    """Where the recipe's `export:` bundle goes: `export.dir`, else `<output>-<format>`."""
+    if recipe.export is None:
+        return None
+    return Path(recipe.export.dir or output.with_name(f"{output.name}-{recipe.export.format}"))
 
 
 def write_output(

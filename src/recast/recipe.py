@@ -173,6 +173,47 @@ class OutputSpec(Section):
     dir: str | None = None
 
 
+class ExpertBitsSpec(Section):
+    # EdgeMoE: each expert gets 4 or 8 bits (or stays fp32) by its calibration importance,
+    # the most important first, so that all experts' weights fit in this many MiB.
+    budget_mb: float = Field(gt=0)
+
+
+class QuantizeSpec(Section):
+    experts: ExpertBitsSpec
+
+
+class ExportSpec(Section):
+    """A bundle for a runtime: `recast export`, or a recipe's `export:` after `convert`."""
+
+    format: Literal["onnx", "pt2"] = "onnx"
+    target: Literal["cpu", "cuda"] = "cpu"  # cuda: fp16 weights, onnxruntime's CUDA provider
+    # int8: dynamic quantization of every matmul weight; {experts: {budget_mb}}: per-expert
+    # bitwidths under a size budget (the rest int8).
+    quantize: Literal["int8"] | QuantizeSpec | None = None
+    moe_op: Literal["auto", "gather", "contrib"] = "auto"  # auto: gather on cpu, contrib on cuda
+    compile: bool = False  # pt2: also an AOTInductor package
+    dir: str | None = None  # default: <output dir>-<format>
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExportSpec:
+        if self.quantize is not None and (self.format != "onnx" or self.target != "cpu"):
+            raise ValueError("quantize is for format onnx with target cpu (cuda bundles are fp16)")
+        if self.compile and self.format != "pt2":
+            raise ValueError("compile makes an AOTInductor package: it needs format: pt2")
+        if self.format == "pt2" and self.moe_op != "auto":
+            raise ValueError("moe_op chooses the ONNX lowering; pt2 programs keep recast's op")
+        if isinstance(self.quantize, QuantizeSpec) and self.moe_op == "contrib":
+            raise ValueError("per-expert bitwidths need moe_op: gather (one matmul per expert)")
+        return self
+
+    @property
+    def resolved_moe_op(self) -> str:
+        if self.moe_op != "auto":
+            return self.moe_op
+        return "contrib" if self.target == "cuda" else "gather"
+
+
 class Recipe(Section):
     name: str
     model: str
@@ -182,6 +223,7 @@ class Recipe(Section):
     recover: RecoverSpec = Field(default_factory=RecoverSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    export: ExportSpec | None = None
     seed: int = 0
 
     @field_validator("name")
@@ -301,6 +343,16 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] = ()) -
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_describe(exc, origin, text)) from None
+
+
+def export_spec(settings: ExportSpec | dict | None) -> ExportSpec:
+    """Export settings checked like a recipe's `export:` section (RecipeError if invalid)."""
+    if isinstance(settings, ExportSpec):
+        return settings
+    try:
+        return ExportSpec.model_validate(settings or {})
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc, "export settings", None)) from None
 
 
 def _describe(exc: ValidationError, origin: str, text: str | None) -> str:

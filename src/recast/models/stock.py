@@ -19,7 +19,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import FormatError, RecastError
+from ..errors import FormatError, ParityError
 from ..evaluate.metrics import lm_outputs
 from ..refactor.build import moe_layers
 from .families import Family
@@ -34,10 +34,6 @@ PARITY_ATOL = 1e-4
 WIDTH_MULTIPLE = 16
 
 STOCK_FAMILIES = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("llama", "mistral", "qwen2")}
-
-
-class ParityError(RecastError):
-    """A written model does not compute what the converted model computes."""
 
 
 def check_family(fmt: str, family: Family, config: transformers.PretrainedConfig) -> None:

@@ -18,6 +18,21 @@ from transformers.activations import ACT2FN
 from ..routers.base import Router, Routing
 
 
+def slice_activations(
+    x: Tensor,
+    up: Tensor,
+    gate: Tensor | None,
+    up_bias: Tensor | None,
+    gate_bias: Tensor | None,
+    act,
+) -> Tensor:
+    """`act(gate(x)) * up(x)` (SwiGLU) or `act(up(x))`: one FFN slice's intermediate values."""
+    h = nn.functional.linear(x, up, up_bias)
+    if gate is None:
+        return act(h)
+    return act(nn.functional.linear(x, gate, gate_bias)) * h
+
+
 class ExpertBank(nn.Module):
     """`num` FFN slices of width `width` (SwiGLU when `gated`), stored stacked."""
 
@@ -50,13 +65,14 @@ class ExpertBank(nn.Module):
 
     def activations(self, x: Tensor, expert: int) -> Tensor:
         """Intermediate activations of one expert: `[n, W]` for `x` of `[n, H]`."""
-        up_bias = None if self.up_bias is None else self.up_bias[expert]
-        h = nn.functional.linear(x, self.up[expert], up_bias)
-        if self.gate is None:
-            h = self.act(h)
-        else:
-            gate_bias = None if self.gate_bias is None else self.gate_bias[expert]
-            h = self.act(nn.functional.linear(x, self.gate[expert], gate_bias)) * h
+        h = slice_activations(
+            x,
+            self.up[expert],
+            None if self.gate is None else self.gate[expert],
+            None if self.up_bias is None else self.up_bias[expert],
+            None if self.gate_bias is None else self.gate_bias[expert],
+            self.act,
+        )
         return h * self.mask[expert]
 
     def all_activations(self, x: Tensor) -> Tensor:
@@ -162,6 +178,8 @@ class MoEFFN(nn.Module):
 
     def routed(self, x: Tensor, routing: Routing) -> Tensor:
         """Sum of the selected experts' outputs, each scaled by its routing weight if any."""
+        if torch.compiler.is_exporting():
+            return self.exported_routed(x, routing)
         tokens, k = routing.indices.shape
         flat = routing.indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -179,6 +197,27 @@ class MoEFFN(nn.Module):
         if routing.weights is not None:
             y = y * routing.weights.reshape(-1)[order, None].to(y.dtype)
         return x.new_zeros(tokens, x.shape[-1]).index_add_(0, token_of, y)
+
+    def exported_routed(self, x: Tensor, routing: Routing) -> Tensor:
+        """`routed` as one `recast::routed_experts` op, which each export target lowers in its
+        own way (the eager loop above would bake in the experts the example tokens used)."""
+        from ..export.ops import routed_experts
+
+        bank = self.bank
+        weights = routing.weights
+        if weights is None:
+            weights = torch.ones_like(routing.indices, dtype=x.dtype)
+        return routed_experts(
+            x,
+            routing.indices,
+            weights.to(x.dtype),
+            bank.up,
+            bank.gate,
+            bank.down,  # exporters zero the padding first (`zero_padding`): no mask needed
+            bank.up_bias,
+            bank.gate_bias,
+            bank.activation,
+        )
 
     def extra_repr(self) -> str:
         shared = 0 if self.shared is None else self.shared.widths[0]

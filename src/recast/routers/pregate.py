@@ -71,6 +71,7 @@ class PregateNetwork(nn.Module):
         self.head = nn.Linear(options.width, num_experts)
         self.plan: Routing | None = None  # the routing of the backbone's current forward
         self.history: Tensor | None = None  # token ids seen so far while generating
+        self.given_plan: Routing | None = None  # set by exported graphs that take expert ids
 
     @torch.no_grad()
     def init_from_embeddings(self, embeddings: Tensor) -> None:
@@ -84,7 +85,11 @@ class PregateNetwork(nn.Module):
         self.embed.weight[:, :q] = projected
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+        if (
+            not torch.compiler.is_exporting()  # exported graphs leave the check to the runtime
+            and input_ids.numel()
+            and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size)
+        ):
             raise RoutingError(
                 f"token id {int(input_ids.max())} is outside the router's vocabulary of "
                 f"{self.vocab_size}; use the tokenizer the model was converted with"
@@ -105,6 +110,9 @@ class PregateNetwork(nn.Module):
         While generating with a KV cache the backbone sees only new tokens, so the ids seen
         so far are kept and the router (which is causal) reruns on the whole prefix.
         """
+        if self.given_plan is not None:
+            self.plan = self.given_plan
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             self.plan = None

@@ -1,0 +1,240 @@
+"""Bundles: graphs + tokenizer + recipe + `manifest.json`, written only if parity holds.
+
+    exported/NAME/
+      manifest.json        format and recast versions, kind, files (sha256, size), inputs and
+                           outputs with dtypes and dynamic axes, routing, target, parity record
+      model.onnx(.data)    the backbone (decoders: with past key/values in and out)
+      router.onnx(.data)   pre-gating models: token ids -> expert ids and weights
+      tokenizer.json ...   the source model's tokenizer
+      recipe.yaml          the resolved recipe, when the model came from a conversion
+
+Everything is written to a staging directory; the parity gate runs the staged bundle with the
+runtime against the torch model, and only a bundle that passes is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..atomic import atomic_directory
+from ..errors import ExportError
+from ..models.families import family_for
+from ..recipe import ExportSpec, QuantizeSpec
+from ..refactor.build import moe_layers
+from ..runtime.manifest import BUNDLE_FORMAT_VERSION, MANIFEST, file_records
+from .graphs import cache_shape, is_decoder, pregate_network, traceables
+from .ops import contrib_supports
+from .parity import check_parity
+
+log = logging.getLogger("recast")
+
+
+def export_bundle(
+    model: nn.Module,
+    out: str | Path,
+    spec: ExportSpec | None = None,
+    *,
+    tokenizer=None,
+    recipe_yaml: str | None = None,
+    source: str = "<in-memory>",
+    overwrite: bool = False,
+) -> Path:
+    """Export `model` (dense or recast MoE, fp32) to a verified bundle at `out`."""
+    spec = spec or ExportSpec()
+    model = model.eval()
+    _check_exportable(model, spec)
+    for moe in moe_layers(model):  # padded neurons: zero weights, so no mask is needed
+        moe.bank.zero_padding()
+    out = Path(out)
+    with atomic_directory(out, overwrite) as staging, tempfile.TemporaryDirectory() as work:
+        graphs = _write_graphs(model, staging, Path(work), spec, tokenizer)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if recipe_yaml:
+            (staging / "recipe.yaml").write_text(recipe_yaml)
+        manifest = _manifest(model, spec, graphs, source)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        manifest["parity"] = check_parity(model, staging, spec)
+        manifest["files"] = file_records(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
+    if next(model.parameters()).dtype != torch.float32:
+        raise ExportError("export starts from fp32 weights; load the model with dtype float32")
+    moe_op = spec.resolved_moe_op
+    layers = moe_layers(model)
+    if layers and spec.format == "onnx" and moe_op == "contrib":
+        bank = layers[0].bank
+        if not contrib_supports(bank.activation, bank.gate is not None):
+            raise ExportError(
+                f"onnxruntime's MoE kernel has no {bank.activation!r} "
+                f"{'SwiGLU' if bank.gate is not None else 'FFN'} here; use moe_op: gather"
+            )
+    if spec.target == "cuda":
+        from .optimize import cuda_usable
+
+        if not cuda_usable(spec.format):
+            raise ExportError(
+                "target cuda needs a usable CUDA device here: the bundle is optimized for it and "
+                "its parity is checked on it; export with target cpu on this machine"
+            )
+
+
+def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec, tokenizer) -> dict:
+    graphs = {}
+    for name, traceable in traceables(model).items():
+        quantization = None
+        log.info("exporting %s graph (%s)", name, spec.format)
+        file = f"{name}.{'pt2' if spec.format == 'pt2' else 'onnx'}"
+        if spec.format == "pt2":
+            from .pt2 import export_pt2
+
+            export_pt2(traceable, staging / file, compile=spec.compile)
+            inputs, outputs = _pt2_io(traceable)
+        else:
+            from .onnx import export_onnx
+
+            raw = export_onnx(
+                traceable,
+                work / f"{name}.raw.onnx",
+                spec.resolved_moe_op,
+                # per-expert quantization reads the expert weights out of the unfolded graph
+                fold=not isinstance(spec.quantize, QuantizeSpec),
+            )
+            quantization = _optimize_and_quantize(
+                raw, staging / file, work, spec, name, model, tokenizer
+            )
+            inputs, outputs = _onnx_io(staging / file)
+        graphs[name] = {"file": file, "inputs": inputs, "outputs": outputs}
+        if quantization is not None:
+            graphs[name]["quantization"] = quantization
+    return graphs
+
+
+def _optimize_and_quantize(
+    raw: Path, final: Path, work: Path, spec: ExportSpec, name: str, model, tokenizer
+) -> dict | None:
+    """The raw graph, optimized (and quantized) for the target, at `final`; returns the
+    quantization report, if any."""
+    from .optimize import optimize
+
+    if spec.target == "cuda":
+        from .optimize import to_fp16
+
+        raw = to_fp16(raw, work / f"{name}.fp16.onnx")
+    if spec.quantize is None or name == "router":  # the router is tiny and decides routing
+        optimize(raw, final, spec.target)
+        return None
+    from .quantize import quantize_int8
+
+    quantized = work / f"{name}.quantized.onnx"
+    if isinstance(spec.quantize, QuantizeSpec):
+        from .quantize import quantize_experts
+
+        report = quantize_experts(raw, quantized, model, tokenizer, spec.quantize.experts.budget_mb)
+    else:
+        folded = work / f"{name}.folded.onnx"
+        optimize(raw, folded, spec.target, level="basic")  # folding exposes the weights
+        report = quantize_int8(folded, quantized)
+    optimize(quantized, final, spec.target)
+    return report
+
+
+def _onnx_io(path: Path) -> tuple[list[dict], list[dict]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(value) -> dict:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return {"name": value.name, "dtype": dtype, "shape": dims}
+
+    return [describe(v) for v in graph.input], [describe(v) for v in graph.output]
+
+
+def _pt2_io(traceable) -> tuple[list[dict], list[dict]]:
+    """Names, dtypes and named dynamic axes of the example inputs (the program's own)."""
+    leaves = torch.utils._pytree.tree_flatten(traceable.args)[0]
+    inputs = [
+        {
+            "name": name,
+            "dtype": str(value.numpy().dtype),
+            "shape": [
+                traceable.axis_names.get(name, {}).get(i, s) for i, s in enumerate(value.shape)
+            ],
+        }
+        for name, value in zip(traceable.input_names, leaves, strict=True)
+    ]
+    outputs = [{"name": name, "dtype": "float32", "shape": None} for name in traceable.output_names]
+    return inputs, outputs
+
+
+def _manifest(model: nn.Module, spec: ExportSpec, graphs: dict, source: str) -> dict:
+    from .. import __version__
+
+    config = model.config
+    decoder = is_decoder(model)
+    info = getattr(model, "recast", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = config.eos_token_id if eos is None else eos
+    pad = config.pad_token_id
+    model_info = {
+        "family": family_for(config.model_type).name,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "max_positions": getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None),
+        "eos_token_ids": [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        "pad_token_id": 0 if pad is None else pad,
+    }
+    if decoder:
+        shape = cache_shape(model)
+        model_info["cache"] = {
+            "layers": shape.layers,
+            "heads": shape.heads,
+            "head_dim": shape.head_dim,
+        }
+    routing = None
+    if info is not None:
+        routing = {
+            "experts": info.num_experts,
+            "top_k": info.top_k,
+            "combine": info.combine,
+            "router": info.router,
+            "pregate": pregate_network(model) is not None,
+            "moe_op": spec.resolved_moe_op if spec.format == "onnx" else "recast::routed_experts",
+            "expert_widths": info.expert_widths,
+            "shared_widths": info.shared_widths,
+        }
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "recast_version": __version__,
+        "artifact": spec.format,
+        "kind": "decoder" if decoder else "encoder",
+        "source": source,
+        "target": spec.target,
+        "precision": _precision(spec),
+        "export": spec.model_dump(mode="json"),
+        "model": model_info,
+        "routing": routing,
+        "graphs": graphs,
+        "files": {},
+        "parity": None,
+    }
+
+
+def _precision(spec: ExportSpec) -> str:
+    if spec.target == "cuda":
+        return "fp16"
+    if spec.quantize == "int8":
+        return "int8"
+    return "mixed" if spec.quantize is not None else "fp32"

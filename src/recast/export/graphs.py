@@ -1,0 +1,230 @@
+"""The modules that get exported: a model's backbone and, for pre-gating models, its router.
+
+Each wraps a transformers model into a forward with plain tensors in and out, so the graph's
+inputs and outputs have stable names a runtime can rely on:
+
+- `RouterGraph` (pre-gating models): `input_ids` -> `expert_indices [B, T, k]`,
+  `expert_weights [B, T, k]`. A runtime routes a whole batch with it before the backbone runs.
+- `EncoderGraph`: `input_ids`, `attention_mask` (+ the expert inputs) -> `last_hidden_state`.
+- `DecoderGraph`: `input_ids`, `attention_mask [B, past + T]`, `position_ids` (+ the expert
+  inputs), `past.{i}.key|value [B, kv_heads, past, head_dim]` -> `logits`, `present.{i}.*`.
+  One graph serves prefill (a past of length 0) and incremental decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from transformers import DynamicCache
+
+from ..models.families import family_for
+from ..routers.base import Routing, combine_weights
+
+
+def pregate_network(model: nn.Module):
+    """The model's pre-gating router network, or None when routing happens inside layers."""
+    return getattr(model, "recast_router", None)
+
+
+def is_decoder(model: nn.Module) -> bool:
+    return family_for(model.config.model_type).causal_lm
+
+
+class RouterGraph(nn.Module):
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = torch.topk(self.network(input_ids), self.network.top_k, dim=-1)
+        weights = combine_weights(values, self.network.combine)
+        return indices, torch.ones_like(values) if weights is None else weights
+
+
+class _Backbone(nn.Module):
+    """Runs the model with the experts a pre-gating router chose outside the graph, if any."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.network = pregate_network(model)
+
+    def run(self, expert_indices: Tensor | None, expert_weights: Tensor | None, **kwargs):
+        if self.network is None:
+            return self.model(**kwargs)
+        k = expert_indices.shape[-1]
+        self.network.given_plan = Routing(
+            expert_indices.reshape(-1, k), expert_weights.reshape(-1, k)
+        )
+        try:
+            return self.model(**kwargs)
+        finally:
+            self.network.given_plan = None
+
+
+class EncoderGraph(_Backbone):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        expert_indices: Tensor | None = None,
+        expert_weights: Tensor | None = None,
+    ) -> Tensor:
+        out = self.run(
+            expert_indices, expert_weights, input_ids=input_ids, attention_mask=attention_mask
+        )
+        return out.last_hidden_state
+
+
+class DecoderGraph(_Backbone):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        expert_indices: Tensor | None,
+        expert_weights: Tensor | None,
+        past: list[tuple[Tensor, Tensor]],
+    ):
+        cache = DynamicCache(config=self.model.config)
+        for layer, (key, value) in enumerate(past):
+            cache.update(key, value, layer)
+        out = self.run(
+            expert_indices,
+            expert_weights,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+@dataclass
+class CacheShape:
+    """Per-layer key/value shape `[B, heads, length, head_dim]` of a decoder's KV cache."""
+
+    layers: int
+    heads: int
+    head_dim: int
+
+
+@torch.no_grad()
+def cache_shape(model: nn.Module) -> CacheShape:
+    """Read off a one-token forward, so every family's cache layout is handled alike."""
+    network = pregate_network(model)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    if network is not None:
+        network.history = None
+    cache = model(input_ids=ids, use_cache=True).past_key_values
+    keys = cache.layers[0].keys
+    return CacheShape(len(cache.layers), keys.shape[1], keys.shape[3])
+
+
+NAMES = {0: "batch", 1: "sequence"}
+
+
+@dataclass
+class Traceable:
+    """A module with example inputs, their names and dynamic axes, and its output names."""
+
+    module: nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: dict  # per forward argument, as torch.export takes them
+    axis_names: dict[str, dict[int, str]]  # per graph input: the names of its dynamic axes
+
+
+def example_routing(model, batch: int, length: int, generator: torch.Generator):
+    network = pregate_network(model)
+    if network is None:
+        return None, None
+    scores = torch.rand(batch, length, network.num_experts, generator=generator)
+    indices = scores.topk(network.top_k, dim=-1).indices
+    return indices, torch.ones(batch, length, network.top_k)
+
+
+def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, Traceable]:
+    """What to export for `model`: {"router": ..., "model": ...} (router for pre-gating only)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, length, past_length = 2, 5, 3  # sizes above 1: dims of 0/1 get specialised
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    longest = getattr(model.config, "max_position_embeddings", None)
+    b, t = Dim("batch", min=1), Dim("sequence", min=1, max=longest)
+    routed_axes = {}
+    out: dict[str, Traceable] = {}
+    network = pregate_network(model)
+    routed_names, routed_dims = [], {}
+    if network is not None:
+        out["router"] = Traceable(
+            RouterGraph(network),
+            (ids,),
+            ["input_ids"],
+            ["expert_indices", "expert_weights"],
+            {"input_ids": {0: b, 1: t}},
+            {"input_ids": NAMES},
+        )
+        routed_names = ["expert_indices", "expert_weights"]
+        routed_dims = {"expert_indices": {0: b, 1: t}, "expert_weights": {0: b, 1: t}}
+        routed_axes = {"expert_indices": NAMES, "expert_weights": NAMES}
+    indices, weights = example_routing(model, batch, length, generator)
+    if not is_decoder(model):
+        mask = torch.ones(batch, length, dtype=torch.long)
+        out["model"] = Traceable(
+            EncoderGraph(model),
+            (ids, mask, indices, weights),
+            ["input_ids", "attention_mask", *routed_names],
+            ["last_hidden_state"],
+            {
+                "input_ids": {0: b, 1: t},
+                "attention_mask": {0: b, 1: t},
+                "expert_indices": routed_dims.get("expert_indices"),
+                "expert_weights": routed_dims.get("expert_weights"),
+            },
+            {"input_ids": NAMES, "attention_mask": NAMES, **routed_axes},
+        )
+        return out
+    shape = cache_shape(model)
+    # the mask spans past + new tokens: AUTO lets torch.export derive that relation
+    p, total = Dim("past", min=0), Dim("total", min=1)
+    past = [
+        tuple(
+            torch.randn(batch, shape.heads, past_length, shape.head_dim, generator=generator).to(
+                dtype
+            )
+            for _ in range(2)
+        )
+        for _ in range(shape.layers)
+    ]
+    mask = torch.ones(batch, past_length + length, dtype=torch.long)
+    positions = torch.arange(past_length, past_length + length).expand(batch, -1)
+    past_names = [f"past.{i}.{kv}" for i in range(shape.layers) for kv in ("key", "value")]
+    present_names = [name.replace("past.", "present.") for name in past_names]
+    out["model"] = Traceable(
+        DecoderGraph(model),
+        (ids, mask, positions, indices, weights, past),
+        ["input_ids", "attention_mask", "position_ids", *routed_names, *past_names],
+        ["logits", *present_names],
+        {
+            "input_ids": {0: b, 1: t},
+            "attention_mask": {0: b, 1: total},
+            "position_ids": {0: b, 1: t},
+            "expert_indices": routed_dims.get("expert_indices"),
+            "expert_weights": routed_dims.get("expert_weights"),
+            "past": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(shape.layers)],
+        },
+        {
+            "input_ids": NAMES,
+            "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": NAMES,
+            **routed_axes,
+            **{name: {0: "batch", 2: "past"} for name in past_names},
+        },
+    )
+    return out

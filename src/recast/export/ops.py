@@ -1,0 +1,197 @@
+"""`recast::routed_experts`: what recast's MoE layer becomes in an exported graph.
+
+Tracing the eager MoE layer would bake in the experts the example tokens happened to use (its
+loop runs over the experts present in the batch), so under export the layer calls this one op,
+and each ONNX target lowers it its own way (measured in docs/PERFORMANCE.md, "MoE operator"):
+
+- `gather`: per expert, NonZero finds the (token, slot) pairs that chose it, Gather takes those
+  rows, the expert's matmuls run on them alone and ScatterND(add) puts the weighted results
+  back. Plain ONNX; compute grows with the tokens routed, not with the expert count. Fastest on
+  CPU from a few tokens up, and the only form whose experts can be quantized one by one.
+- `contrib`: onnxruntime's `com.microsoft.MoE` kernel, fed the chosen experts as router
+  logits (`log weight` at the chosen slots, -1e4 elsewhere) so its own top-k picks exactly
+  them; `normalize_routing_weights` then gives `weight / sum(weights)`, and the sum (`k` in
+  both of recast's combine modes) is folded into fc2. One kernel per layer: less per-node
+  overhead at batch 1, and on CUDA it avoids the host syncs that NonZero costs.
+
+In pt2 programs the op stays as it is and runs its eager implementation below.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import opset18 as op
+from onnxscript.values import Op, Opset
+from torch import Tensor
+from transformers.activations import ACT2FN
+
+from ..refactor.moe import slice_activations
+
+MOE_OPS = ("gather", "contrib")
+
+
+@torch.library.custom_op("recast::routed_experts", mutates_args=())
+def routed_experts(
+    x: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    up: Tensor,
+    gate: Tensor | None,
+    down: Tensor,
+    up_bias: Tensor | None,
+    gate_bias: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """Sum over each token's chosen experts (`indices[T, k]`) of `weight * expert(x)`."""
+    act = ACT2FN[activation]
+    out = torch.zeros_like(x)
+    for expert in range(up.shape[0]):
+        token, slot = (indices == expert).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = slice_activations(
+            x[token],
+            up[expert],
+            None if gate is None else gate[expert],
+            None if up_bias is None else up_bias[expert],
+            None if gate_bias is None else gate_bias[expert],
+            act,
+        )
+        y = torch.nn.functional.linear(h, down[expert]) * weights[token, slot, None]
+        out.index_add_(0, token, y)
+    return out
+
+
+@routed_experts.register_fake
+def _(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
+    return torch.empty_like(x)
+
+
+def _ints(*values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def _onnx_activation(name: str, h):
+    """The activations recast's families use, in ONNX ops (opset 18 has no Gelu)."""
+    if name in ("silu", "swish"):
+        return op.Mul(h, op.Sigmoid(h))
+    if name == "relu":
+        return op.Relu(h)
+    if name == "gelu":  # exact: 0.5 x (1 + erf(x / sqrt 2))
+        erf = op.Erf(op.Div(h, op.Constant(value_float=2.0**0.5)))
+        return op.Mul(op.Mul(h, op.Constant(value_float=0.5)), op.Add(erf, 1.0))
+    if name in ("gelu_new", "gelu_pytorch_tanh"):  # tanh approximation (GPT-2)
+        cube = op.Mul(op.Constant(value_float=0.044715), op.Mul(h, op.Mul(h, h)))
+        inner = op.Mul(op.Constant(value_float=(2.0 / 3.141592653589793) ** 0.5), op.Add(h, cube))
+        return op.Mul(op.Mul(h, op.Constant(value_float=0.5)), op.Add(op.Tanh(inner), 1.0))
+    raise NotImplementedError(f"activation {name!r} has no ONNX lowering")
+
+
+def _linear(x, weight, bias=None):
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
+def gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
+    experts, k = up.shape[0], indices.shape[1]
+    flat_experts = op.Reshape(indices, _ints(-1))
+    flat_weights = op.Reshape(weights, _ints(-1))
+    out = op.Mul(x, op.Constant(value_float=0.0))
+
+    def take(stacked, expert):
+        return None if stacked is None else op.Gather(stacked, op.Constant(value_int=expert))
+
+    for expert in range(experts):
+        chosen = op.NonZero(op.Equal(flat_experts, op.Constant(value_int=expert)))
+        position = op.Reshape(chosen, _ints(-1))  # flat (token, slot) positions
+        token = op.Div(position, op.Constant(value_int=k))
+        rows = op.Gather(x, token, axis=0)
+        h = _linear(rows, take(up, expert), take(up_bias, expert))
+        if gate is None:
+            h = _onnx_activation(activation, h)
+        else:
+            g = _linear(rows, take(gate, expert), take(gate_bias, expert))
+            h = op.Mul(_onnx_activation(activation, g), h)
+        y = op.MatMul(h, op.Transpose(take(down, expert), perm=[1, 0]))
+        y = op.Mul(y, op.Unsqueeze(op.Gather(flat_weights, position, axis=0), _ints(1)))
+        out = op.ScatterND(out, op.Unsqueeze(token, _ints(1)), y, reduction="add")
+    return out
+
+
+def _moe_schema() -> onnx.defs.OpSchema:
+    """onnxruntime's contrib MoE, declared so onnxscript can emit it (onnx has no schema)."""
+    schema = onnx.defs.OpSchema
+    optional = schema.FormalParameterOption.Optional
+
+    def param(name, option=schema.FormalParameterOption.Single):
+        return schema.FormalParameter(name, "T", param_option=option)
+
+    inputs = [param("input"), param("router_probs"), param("fc1_experts_weights")]
+    inputs += [param("fc1_experts_bias", optional), param("fc2_experts_weights")]
+    inputs += [param(n, optional) for n in ("fc2_experts_bias", "fc3_experts_weights")]
+    inputs += [param("fc3_experts_bias", optional)]
+    kinds = {
+        "k": schema.AttrType.INT,
+        "activation_type": schema.AttrType.STRING,
+        "normalize_routing_weights": schema.AttrType.INT,
+        "swiglu_fusion": schema.AttrType.INT,
+        "activation_alpha": schema.AttrType.FLOAT,
+        "activation_beta": schema.AttrType.FLOAT,
+    }
+    return schema(
+        "MoE",
+        "com.microsoft",
+        1,
+        inputs=inputs,
+        outputs=[param("output")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=[schema.Attribute(name, kind, "") for name, kind in kinds.items()],
+    )
+
+
+MSFT_MOE = Op(Opset("com.microsoft", 1), "MoE", _moe_schema())
+# recast activation -> (contrib activation_type for an ungated FFN, for a SwiGLU one)
+CONTRIB_ACTIVATIONS = {
+    "silu": ("silu", "swiglu"),
+    "swish": ("silu", "swiglu"),
+    "relu": ("relu", None),
+}
+
+
+def contrib_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
+    experts, k = up.shape[0], indices.shape[1]
+    tokens = op.Shape(x, start=0, end=1)
+    logits = op.Expand(op.Constant(value_float=-1e4), op.Concat(tokens, _ints(experts), axis=0))
+    logits = op.ScatterElements(logits, indices, op.Log(weights), axis=1)
+    if gate is None:
+        fc1, fc1_bias, kind = up, up_bias, CONTRIB_ACTIVATIONS[activation][0]
+    else:  # the CPU kernel wants gate and up rows interleaved: [g0, u0, g1, u1, ...]
+        fc1 = op.Reshape(
+            op.Concat(op.Unsqueeze(gate, _ints(2)), op.Unsqueeze(up, _ints(2)), axis=2),
+            _ints(experts, -1, up.shape[2]),
+        )
+        fc1_bias = None
+        if up_bias is not None:
+            fc1_bias = op.Reshape(
+                op.Concat(
+                    op.Unsqueeze(gate_bias, _ints(2)), op.Unsqueeze(up_bias, _ints(2)), axis=2
+                ),
+                _ints(experts, -1),
+            )
+        kind = CONTRIB_ACTIVATIONS[activation][1]
+    fc2 = op.Mul(down, op.Constant(value_float=float(k)))
+    attributes = dict(k=k, activation_type=kind, normalize_routing_weights=1)
+    if gate is not None:
+        attributes.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+    return MSFT_MOE(x, logits, fc1, fc1_bias, fc2, **attributes)
+
+
+def contrib_supports(activation: str, gated: bool) -> bool:
+    kinds = CONTRIB_ACTIVATIONS.get(activation)
+    return kinds is not None and kinds[int(gated)] is not None
+
+
+def translation_table(moe_op: str) -> dict:
+    lowering = {"gather": gather_lowering, "contrib": contrib_lowering}[moe_op]
+    return {torch.ops.recast.routed_experts.default: lowering}

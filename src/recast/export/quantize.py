@@ -1,0 +1,176 @@
+"""Weight quantization for CPU bundles: int8 dynamic quantization of every matmul weight, or
+per-expert bitwidths chosen by importance under a size budget (EdgeMoE)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from ..errors import ExportError
+
+log = logging.getLogger("recast")
+
+
+def quantize_int8(source: Path, target_path: Path) -> dict:
+    """Every MatMul with a constant weight gets int8 weights (activations are quantized on the
+    fly per call: onnxruntime's DynamicQuantizeMatMul). `source` should be constant-folded, so
+    that transposed and per-expert weights are initializers the quantizer can see."""
+    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs per-node notes
+    # Shapes recorded by onnxruntime's optimizer for the expert branches (NonZero-sized)
+    # conflict with onnx's re-inference; the quantizer infers them afresh.
+    model = onnx.load(str(source))
+    del model.graph.value_info[:]
+    cleared = source.with_suffix(".noshapes.onnx")
+    onnx.save(model, str(cleared), save_as_external_data=True, location=cleared.name + ".data")
+    quantize_dynamic(
+        str(cleared),
+        str(target_path),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,  # one scale per output column: outlier columns cost only themselves
+        use_external_data_format=True,
+    )
+    return {"scheme": "int8 dynamic", "weights": "MatMul"}
+
+
+@dataclass
+class ExpertSlot:
+    """One routed expert of one layer: how often it is chosen and what it costs."""
+
+    layer: int
+    expert: int
+    importance: float  # share of this layer's (token, slot) choices that picked it
+    params: int
+    bits: int = 4
+
+    @property
+    def bytes(self) -> float:
+        # weights, plus one fp32 scale per block of 32 when quantized
+        return self.params * (4.0 if self.bits == 32 else self.bits / 8 + 4 / 32)
+
+
+def assign_bits(slots: list[ExpertSlot], budget_mb: float) -> list[ExpertSlot]:
+    """EdgeMoE-style: in order of importance, each expert gets the widest of fp32, 8 and 4
+    bits that still leaves room for every expert after it at 4 bits."""
+    budget = budget_mb * 2**20
+    for slot in slots:
+        slot.bits = 4
+    floor = sum(s.bytes for s in slots)
+    if floor > budget:
+        raise ExportError(
+            f"the experts need {floor / 2**20:.2f} MiB even at 4 bits; "
+            f"raise quantize.experts.budget_mb above {budget_mb:g}"
+        )
+    spent = floor
+    for slot in sorted(slots, key=lambda s: -s.importance):
+        at_four = slot.bytes
+        for bits in (32, 8):
+            slot.bits = bits
+            if spent - at_four + slot.bytes <= budget:
+                break
+        else:
+            slot.bits = 4
+        spent += slot.bytes - at_four
+    return slots
+
+
+@torch.no_grad()
+def expert_importance(model, tokenizer, sequences: int = 16, length: int = 128) -> dict:
+    """{(layer index, expert): share of that layer's choices} on built-in English text
+    (random token ids when the model has no tokenizer)."""
+    from ..data import load_documents
+    from .parity import ExpertUsage
+
+    if tokenizer is not None:
+        text = " ".join(load_documents("builtin:pydoc")[:200])
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        usable = min(sequences, len(ids) // length)
+        batch = ids[: usable * length].reshape(usable, length)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        batch = torch.randint(0, model.config.vocab_size, (sequences, length), generator=generator)
+    usage = ExpertUsage(model)
+    try:
+        for rows in batch.split(4):
+            model(input_ids=rows)
+    finally:
+        usage.close()
+    return usage.shares()
+
+
+def quantize_experts(raw: Path, target_path: Path, model, tokenizer, budget_mb: float) -> dict:
+    """Per-expert weight-only quantization (MatMulNBits, 4 or 8 bits, blocks of 32) of a raw
+    gather-form graph; weights outside the experts stay fp32. Returns the per-expert report."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+    from ..refactor.moe import MoEFFN
+    from .split_experts import SplitExpertWeights
+
+    stacked, slots = {}, []
+    shares = expert_importance(model, tokenizer)
+    for path, moe in model.named_modules():
+        if not isinstance(moe, MoEFFN):
+            continue
+        bank = moe.bank
+        for projection in ("up", "gate", "down"):
+            if getattr(bank, projection) is not None:
+                stacked[f"model.{path}.experts.{projection}"] = moe.layer_index
+        projections = 3 if bank.gate is not None else 2
+        for expert, width in enumerate(bank.widths):
+            slots.append(
+                ExpertSlot(
+                    moe.layer_index,
+                    expert,
+                    shares.get((moe.layer_index, expert), 0.0),
+                    projections * width * bank.hidden,
+                )
+            )
+    assign_bits(slots, budget_mb)
+    bits_of = {(s.layer, s.expert): s.bits for s in slots}
+    onnx_model = onnx.load(str(raw))
+    split = SplitExpertWeights(set(stacked)).apply(onnx_model)
+    by_bits: dict[int, list[str]] = {4: [], 8: []}
+    for weight, matmul in split.items():
+        stack, expert = weight.removesuffix(".T").rsplit(".", 1)
+        bits = bits_of[(stacked[stack], int(expert))]
+        if bits in by_bits:
+            by_bits[bits].append(matmul)
+    for bits, nodes in by_bits.items():
+        if nodes:
+            others = [n.name for n in onnx_model.graph.node if n.name not in set(nodes)]
+            quantizer = MatMulNBitsQuantizer(  # (nodes_to_include alone does not restrict)
+                onnx_model, bits=bits, block_size=32, is_symmetric=True, nodes_to_exclude=others
+            )
+            quantizer.process()
+            onnx_model = quantizer.model.model
+    onnx.save(
+        onnx_model,
+        str(target_path),
+        save_as_external_data=True,
+        location=target_path.name + ".data",
+    )
+    total = sum(s.bytes for s in slots) / 2**20
+    return {
+        "scheme": "per-expert weight-only (MatMulNBits, blocks of 32); other weights fp32",
+        "budget_mb": budget_mb,
+        "experts_mb": round(total, 3),
+        "experts_fp32_mb": round(sum(s.params * 4 for s in slots) / 2**20, 3),
+        "bits_histogram": {str(b): sum(s.bits == b for s in slots) for b in (4, 8, 32)},
+        "experts": [
+            {
+                "layer": s.layer,
+                "expert": s.expert,
+                "importance": round(s.importance, 4),
+                "bits": s.bits,
+                "bytes": int(s.bytes),
+            }
+            for s in slots
+        ],
+    }

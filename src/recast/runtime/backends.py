@@ -1,0 +1,95 @@
+"""One exported graph behind a common `run(feeds) -> outputs`: ONNX Runtime, or a pt2 program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DeviceUnavailableError
+
+ONNX_DTYPES = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(bool)": np.bool_,
+}
+
+
+def providers_for(device: str | None) -> list[str]:
+    """onnxruntime providers for `device`; None picks CUDA when onnxruntime offers it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device in (None, "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise DeviceUnavailableError(
+            "device 'cuda' needs onnxruntime-gpu with a CUDA device; use device='cpu'"
+        )
+    return ["CPUExecutionProvider"]
+
+
+class OnnxGraph:
+    def __init__(self, path: Path, device: str | None, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # provider fallbacks are reported by `providers`
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise DeviceUnavailableError(
+                "onnxruntime could not start its CUDA provider (no usable GPU); use device='cpu'"
+            )
+        self.inputs = {
+            i.name: (ONNX_DTYPES.get(i.type, np.float32), i.shape)
+            for i in self.session.get_inputs()
+        }
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+
+
+class Pt2Graph:
+    """A `torch.export` program; needs torch (and recast's export ops for MoE graphs)."""
+
+    def __init__(self, path: Path, spec: dict, device: str | None):
+        import torch
+        from torch.utils import _pytree
+
+        from ..export import ops  # noqa: F401  registers recast::routed_experts
+
+        self.torch, self.pytree = torch, _pytree
+        self.device = "cuda" if device == "cuda" else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise DeviceUnavailableError("device 'cuda' needs a CUDA build of torch and a GPU")
+        self.program = torch.export.load(str(path))
+        self.module = self.program.module().to(self.device)
+        self.inputs = {i["name"]: (np.dtype(i["dtype"]).type, i["shape"]) for i in spec["inputs"]}
+        self.output_names = [o["name"] for o in spec["outputs"]]
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"torch:{self.device}"]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        flat = [
+            self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+            for n in self.inputs
+        ]
+        args, kwargs = self.pytree.tree_unflatten(flat, self.program.call_spec.in_spec)
+        with self.torch.no_grad():
+            out = self.module(*args, **kwargs)
+        values = self.pytree.tree_flatten(out)[0]
+        return {
+            name: value.detach().cpu().numpy()
+            for name, value in zip(self.output_names, values, strict=True)
+        }

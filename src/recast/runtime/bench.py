@@ -1,0 +1,49 @@
+"""Latency of a bundle: prefill (one forward over the prompt) and incremental decoding."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .generate import Sampling, decode_loop
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1e3
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+def measure(
+    session, batch: int = 1, length: int = 64, new_tokens: int = 32, repeat: int = 20
+) -> dict:
+    """Prefill latency percentiles over `repeat` runs (after one warm-up) of `batch x length`
+    random tokens; for decoders also decode throughput over `new_tokens` greedy steps (the
+    end-of-sequence token is ignored so every run decodes the same number of tokens)."""
+    rng = np.random.default_rng(0)
+    vocab = session.model_info["vocab_size"]
+    longest = session.model_info["max_positions"] or length + new_tokens
+    if session.kind == "decoder":
+        length = min(length, longest - new_tokens)
+    else:
+        length = min(length, longest)
+    ids = rng.integers(0, vocab, (batch, length), dtype=np.int64)
+    session.forward(ids)
+    prefill = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.forward(ids)
+        prefill.append(time.perf_counter() - start)
+    result = {"batch": batch, "length": length, "prefill": percentiles(prefill)}
+    if session.kind == "decoder" and new_tokens:
+        runs = max(1, repeat // 4)
+        decode_loop(session, ids, 2, Sampling(), [])  # warm-up of the cached path
+        total = 0.0
+        for _ in range(runs):
+            start = time.perf_counter()
+            decode_loop(session, ids, new_tokens, Sampling(), [])
+            total += time.perf_counter() - start
+        prefill_s = float(np.median(prefill))
+        per_run = total / runs - prefill_s  # the loop's first step is the prefill
+        result["decode_tokens_per_s"] = batch * (new_tokens - 1) / max(per_run, 1e-9)
+    return result

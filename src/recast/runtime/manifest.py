@@ -1,0 +1,72 @@
+"""`manifest.json`: what a bundle holds, and the check that it still holds exactly that.
+
+Torch-free (json, hashlib): the runtime verifies bundles without the export stack installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import BundleIntegrityError
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT_VERSION = 1
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict]:
+    """{relative path: {sha256, size}} of every file under `directory` but the manifest."""
+    return {
+        str(path.relative_to(directory)): {"sha256": sha256(path), "size": path.stat().st_size}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def read_manifest(bundle: Path, verify: bool = True) -> dict:
+    """The bundle's manifest; with `verify`, every listed file must exist with its size and
+    sha256 (BundleIntegrityError names the first that does not)."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleIntegrityError(
+            f"{bundle} has no {MANIFEST}; is it a recast bundle (made by `recast export`)?"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        version = manifest["format_version"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleIntegrityError(f"{path} is corrupt ({exc}); export the bundle again") from exc
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleIntegrityError(
+            f"{bundle} is bundle format {version}; this recast reads up to "
+            f"{BUNDLE_FORMAT_VERSION}: upgrade recast"
+        )
+    if verify:
+        for name, record in files.items():
+            _check_file(bundle, name, record)
+    return manifest
+
+
+def _check_file(bundle: Path, name: str, record: dict) -> None:
+    path = bundle / name
+    fix = "the bundle was modified or copied incompletely; export it again"
+    if not path.is_file():
+        raise BundleIntegrityError(f"{bundle}: {name} is missing; {fix}")
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise BundleIntegrityError(
+            f"{bundle}: {name} has {size} bytes, the manifest says {record['size']}; {fix}"
+        )
+    if sha256(path) != record["sha256"]:
+        raise BundleIntegrityError(f"{bundle}: {name} fails its sha256 check; {fix}")

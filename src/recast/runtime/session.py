@@ -1,0 +1,202 @@
+"""`Session`: runs a verified bundle: `run`, `forward`, `embed`, `generate`.
+
+Needs only numpy, onnxruntime and tokenizers (torch only for pt2 bundles). Inputs are checked
+before onnxruntime sees them, so a wrong dtype or an out-of-vocabulary id is a one-line
+`RuntimeInputError`, not a kernel crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleIntegrityError, RuntimeInputError
+from .backends import OnnxGraph, Pt2Graph
+from .generate import Sampling, decode_loop
+from .manifest import read_manifest
+
+
+class Session:
+    def __init__(
+        self,
+        bundle: str | Path,
+        device: str | None = None,
+        verify: bool = True,
+        threads: int | None = None,
+    ):
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle, verify=verify)
+        self.kind = self.manifest["kind"]  # "decoder" | "encoder"
+        self.model_info = self.manifest["model"]
+        self.routing = self.manifest.get("routing")
+        self.graphs = {
+            name: self._open(spec, device, threads)
+            for name, spec in self.manifest["graphs"].items()
+        }
+        self.tokenizer = self._tokenizer()
+
+    def _open(self, spec: dict, device: str | None, threads: int | None):
+        path = self.bundle / spec["file"]
+        try:
+            if self.manifest["artifact"] == "pt2":
+                return Pt2Graph(path, spec, device)
+            return OnnxGraph(path, device, threads)
+        except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unverified damaged file
+            raise BundleIntegrityError(f"{path} cannot be loaded: {exc}") from exc
+
+    def _tokenizer(self):
+        path = self.bundle / "tokenizer.json"
+        if not path.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.graphs["model"].providers
+
+    # -- raw graphs -------------------------------------------------------------------------
+
+    def run(self, feeds: dict[str, np.ndarray], graph: str = "model") -> dict[str, np.ndarray]:
+        """Run one graph (`model`, or `router` for pre-gating bundles) on named inputs."""
+        if graph not in self.graphs:
+            raise RuntimeInputError(
+                f"this bundle has no {graph!r} graph; it has {list(self.graphs)}"
+            )
+        self._check_feeds(feeds, self.graphs[graph].inputs)
+        return self.graphs[graph].run(feeds)
+
+    def _check_feeds(self, feeds: dict, expected: dict) -> None:
+        missing = [n for n in expected if n not in feeds]
+        unknown = [n for n in feeds if n not in expected]
+        if missing or unknown:
+            raise RuntimeInputError(
+                f"inputs do not match the graph: missing {missing}, unexpected {unknown}; "
+                f"it takes {list(expected)}"
+            )
+        for name, (dtype, shape) in expected.items():
+            value = feeds[name]
+            if not isinstance(value, np.ndarray) or value.dtype != dtype:
+                got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise RuntimeInputError(f"{name} must be a {np.dtype(dtype)} array, got {got}")
+            if len(shape) != value.ndim:
+                raise RuntimeInputError(f"{name} must have {len(shape)} dims, got {value.shape}")
+        if "input_ids" in feeds:
+            self._check_ids(feeds["input_ids"], feeds.get("attention_mask"))
+
+    def _check_ids(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        vocab, longest = self.model_info["vocab_size"], self.model_info["max_positions"]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
+            raise RuntimeInputError(
+                f"token id {bad} is outside the vocabulary of {vocab}; "
+                "use the bundle's tokenizer (tokenizer.json)"
+            )
+        length = mask.shape[-1] if mask is not None else ids.shape[-1]
+        if longest and length > longest:
+            raise RuntimeInputError(
+                f"sequence of {length} tokens is longer than the model's maximum of {longest}; "
+                "truncate the input"
+            )
+
+    # -- model-level calls ------------------------------------------------------------------
+
+    def route(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Pre-gating bundles: every layer's experts for `input_ids`, before the backbone."""
+        out = self.run({"input_ids": input_ids}, graph="router")
+        return {"expert_indices": out["expert_indices"], "expert_weights": out["expert_weights"]}
+
+    def forward(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
+        """`logits` (decoders) or `last_hidden_state` (encoders) for a batch of token ids."""
+        ids = as_ids(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else as_ids(attention_mask)
+        if mask.shape != ids.shape:
+            raise RuntimeInputError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.kind == "decoder":
+            feeds["position_ids"] = positions(mask)[:, -ids.shape[1] :]
+            feeds.update(self.empty_cache(ids.shape[0]))
+        if "router" in self.graphs:
+            feeds.update(self.route(ids))
+        out = self.run(feeds)
+        name = "logits" if self.kind == "decoder" else "last_hidden_state"
+        return {name: out[name]}
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        cache = self.model_info["cache"]
+        shape = (batch, cache["heads"], 0, cache["head_dim"])
+        return {
+            f"past.{i}.{kv}": np.zeros(shape, np.float32)
+            for i in range(cache["layers"])
+            for kv in ("key", "value")
+        }
+
+    def encode(self, texts: list[str], pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask (right padded) for `texts` with the bundle tokenizer."""
+        if self.tokenizer is None:
+            raise RuntimeInputError("this bundle has no tokenizer.json; pass token ids instead")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        longest = self.model_info["max_positions"] or max(len(e.ids) for e in encodings)
+        rows = [e.ids[:longest] for e in encodings]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.model_info["pad_token_id"], np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return ids, mask
+
+    def embed(self, texts: list[str] | str) -> np.ndarray:
+        """Encoders: mean-pooled, L2-normalised sentence embeddings `[N, hidden]`
+        (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
+        if self.kind != "encoder":
+            raise RuntimeInputError("embed() needs an encoder bundle; this one is a decoder")
+        ids, mask = self.encode([texts] if isinstance(texts, str) else texts)
+        hidden = self.forward(ids, mask)["last_hidden_state"]
+        weights = mask[..., None].astype(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ):
+        """Continue `prompt` with the KV cache: text in, text out; token ids (a list or a
+        `[B, T]` array) in, token ids out (prompt included, like transformers' generate)."""
+        if self.kind != "decoder":
+            raise RuntimeInputError("generate() needs a decoder bundle; this one is an encoder")
+        text = isinstance(prompt, str)
+        ids = self.encode([prompt])[0] if text else as_ids(prompt)
+        if ids.ndim == 1:
+            ids = ids[None]
+        sampling = Sampling(do_sample, temperature, top_p, seed)
+        out = decode_loop(self, ids, max_new_tokens, sampling, self.model_info["eos_token_ids"])
+        if text:
+            return self.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        return out if np.ndim(prompt) == 2 else out[0]
+
+
+def as_ids(values) -> np.ndarray:
+    """Token ids as int64, refusing what cannot be ids (floats, strings)."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" and not (array.dtype.kind == "b"):
+        raise RuntimeInputError(f"token ids must be integers, got {array.dtype}")
+    return array.astype(np.int64)
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position of each token counting only attended ones (left padding starts at 0)."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+
+
+def load(
+    bundle: str | Path, device: str | None = None, verify: bool = True, threads=None
+) -> Session:
+    """Open an exported bundle: checksums verified, CUDA used when present (else CPU)."""
+    return Session(bundle, device=device, verify=verify, threads=threads)
