@@ -134,7 +134,7 @@ def _optimize_and_quantize(
     if spec.quantize is None or name == "router":  # the router is tiny and decides routing
         optimize(raw, final, spec.target)
         return None
-    from .quantize import quantize_int8
+    from .quantize import quantize_int8, router_nodes
 
     quantized = work / f"{name}.quantized.onnx"
     if isinstance(spec.quantize, QuantizeSpec):
@@ -144,7 +144,7 @@ def _optimize_and_quantize(
     else:
         folded = work / f"{name}.folded.onnx"
         optimize(raw, folded, spec.target, level="basic")  # folding exposes the weights
-        report = quantize_int8(folded, quantized)
+        report = quantize_int8(folded, quantized, keep_fp32=router_nodes(raw))
     optimize(quantized, final, spec.target)
     return report
 

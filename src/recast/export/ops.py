@@ -4,10 +4,13 @@ Tracing the eager MoE layer would bake in the experts the example tokens happene
 loop runs over the experts present in the batch), so under export the layer calls this one op,
 and each ONNX target lowers it its own way (measured in docs/PERFORMANCE.md, "MoE operator"):
 
-- `gather`: per expert, NonZero finds the (token, slot) pairs that chose it, Gather takes those
-  rows, the expert's matmuls run on them alone and ScatterND(add) puts the weighted results
-  back. Plain ONNX; compute grows with the tokens routed, not with the expert count. Fastest on
-  CPU from a few tokens up, and the only form whose experts can be quantized one by one.
+- `gather`: the (token, slot) pairs are ordered by expert (TopK as an argsort), their rows
+  gathered once and split into one block per expert (counts from a one-hot sum), and each
+  expert's matmuls (gate and up fused into one) run on its block alone; one ScatterND puts
+  every result back at its (token, slot), then the slots are weighted and summed. This is the
+  eager layer's sort/bincount/split in plain ONNX: compute grows with the tokens routed, not
+  with the expert count, and the graph has 5 nodes per expert. The faster form on CPU, and
+  the only one whose experts can be quantized one by one.
 - `contrib`: onnxruntime's `com.microsoft.MoE` kernel, fed the chosen experts as router
   logits (`log weight` at the chosen slots, -1e4 elsewhere) so its own top-k picks exactly
   them; `normalize_routing_weights` then gives `weight / sum(weights)`, and the sum (`k` in
@@ -19,6 +22,7 @@ In pt2 programs the op stays as it is and runs its eager implementation below.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
 from onnxscript import opset18 as op
@@ -68,8 +72,12 @@ def _(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
     return torch.empty_like(x)
 
 
-def _ints(*values: int):
-    return op.Constant(value_ints=list(values))
+def _ints(*values: int, shape: tuple[int, ...] | None = None):
+    if shape is None:
+        return op.Constant(value_ints=list(values))
+    return op.Constant(
+        value=onnx.numpy_helper.from_array(np.array(values, np.int64).reshape(shape))
+    )
 
 
 def _onnx_activation(name: str, h):
@@ -95,28 +103,53 @@ def _linear(x, weight, bias=None):
 
 def gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
     experts, k = up.shape[0], indices.shape[1]
-    flat_experts = op.Reshape(indices, _ints(-1))
-    flat_weights = op.Reshape(weights, _ints(-1))
-    out = op.Mul(x, op.Constant(value_float=0.0))
+    flat_experts = op.Reshape(indices, _ints(-1))  # [T * k]: the expert of each (token, slot)
+    # (token, slot) positions ordered by expert, and how many each expert has
+    order = op.TopK(
+        op.Cast(flat_experts, to=onnx.TensorProto.FLOAT),
+        op.Shape(flat_experts),
+        largest=0,
+        sorted=1,
+    )[1]
+    counts = op.ReduceSum(
+        op.Cast(
+            op.Equal(
+                op.Unsqueeze(flat_experts, _ints(0)), _ints(*range(experts), shape=(experts, 1))
+            ),
+            to=onnx.TensorProto.INT64,
+        ),
+        _ints(1),
+        keepdims=0,
+    )
+    rows = op.Gather(x, op.Div(order, op.Constant(value_int=k)), axis=0)
+    # one block of rows per expert (Split cannot take both sizes and a count in onnxruntime)
+    blocks = op.SplitToSequence(rows, counts, axis=0)
+    chunks = [op.SequenceAt(blocks, op.Constant(value_int=e)) for e in range(experts)]
 
     def take(stacked, expert):
         return None if stacked is None else op.Gather(stacked, op.Constant(value_int=expert))
 
-    for expert in range(experts):
-        chosen = op.NonZero(op.Equal(flat_experts, op.Constant(value_int=expert)))
-        position = op.Reshape(chosen, _ints(-1))  # flat (token, slot) positions
-        token = op.Div(position, op.Constant(value_int=k))
-        rows = op.Gather(x, token, axis=0)
-        h = _linear(rows, take(up, expert), take(up_bias, expert))
+    outputs = []
+    for expert, chunk in enumerate(chunks):
         if gate is None:
-            h = _onnx_activation(activation, h)
-        else:
-            g = _linear(rows, take(gate, expert), take(gate_bias, expert))
-            h = op.Mul(_onnx_activation(activation, g), h)
-        y = op.MatMul(h, op.Transpose(take(down, expert), perm=[1, 0]))
-        y = op.Mul(y, op.Unsqueeze(op.Gather(flat_weights, position, axis=0), _ints(1)))
-        out = op.ScatterND(out, op.Unsqueeze(token, _ints(1)), y, reduction="add")
-    return out
+            h = _onnx_activation(
+                activation, _linear(chunk, take(up, expert), take(up_bias, expert))
+            )
+        else:  # gate and up as one matmul (their weights concatenate into one constant)
+            fused = op.Concat(take(gate, expert), take(up, expert), axis=0)
+            bias = None
+            if up_bias is not None:
+                bias = op.Concat(take(gate_bias, expert), take(up_bias, expert), axis=0)
+            g, u = op.Split(_linear(chunk, fused, bias), axis=-1, num_outputs=2)
+            h = op.Mul(_onnx_activation(activation, g), u)
+        outputs.append(op.MatMul(h, op.Transpose(take(down, expert), perm=[1, 0])))
+    # Each (token, slot) position is written once (ScatterND's add is not safe for repeated
+    # indices under threads), weighted, then each token's k slots are summed.
+    shape = op.Concat(op.Mul(op.Shape(x, start=0, end=1), _ints(k)), op.Shape(x, start=1), axis=0)
+    slots = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), shape)  # [T * k, H] zeros
+    placed = op.ScatterND(slots, op.Unsqueeze(order, _ints(1)), op.Concat(*outputs, axis=0))
+    placed = op.Mul(placed, op.Unsqueeze(op.Reshape(weights, _ints(-1)), _ints(1)))
+    return op.ReduceSum(op.Reshape(placed, _ints(-1, k, x.shape[1])), _ints(1), keepdims=0)
 
 
 def _moe_schema() -> onnx.defs.OpSchema:

@@ -21,9 +21,10 @@ from ..recipe import ExportSpec
 from ..refactor.build import moe_layers
 from ..runtime.session import Session, positions
 
-# Quantized: measured 0.05 (tiny LM) and 0.11 (MiniLM) relative L2 on random tokens with int8;
-# a wrong graph is off by ~1.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.15, "mixed": 0.15}
+# Quantized bundles, relative L2 on random tokens: dense int8 0.03-0.07 (FFN-heavy decoder),
+# 0.11 (MiniLM); a layer-routed MoE 0.17, where quantization noise flips some tokens' experts.
+# A wrong graph is off by ~1.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.2, "mixed": 0.2}
 QUANTIZED = ("int8", "mixed")
 SHAPES = [(1, 1), (1, 7), (3, 16), (4, 48)]  # (batch, length); one padded row in each batch > 1
 EXTRA_SHAPE, MAX_EXTRA = (8, 64), 6  # added while some expert is still unchosen

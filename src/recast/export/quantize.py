@@ -16,10 +16,26 @@ from ..errors import ExportError
 log = logging.getLogger("recast")
 
 
-def quantize_int8(source: Path, target_path: Path) -> dict:
-    """Every MatMul with a constant weight gets int8 weights (activations are quantized on the
-    fly per call: onnxruntime's DynamicQuantizeMatMul). `source` should be constant-folded, so
-    that transposed and per-expert weights are initializers the quantizer can see."""
+def router_nodes(raw: Path) -> list[str]:
+    """Names of the nodes that compute per-layer routing (the exporter records each node's
+    module path): their matmuls stay fp32, as a flipped expert choice costs more than the
+    few bytes quantizing a gate saves."""
+    graph = onnx.load(str(raw), load_external_data=False).graph
+    return [
+        node.name
+        for node in graph.node
+        if any(
+            p.key == "pkg.torch.onnx.name_scopes" and ".router'" in p.value
+            for p in node.metadata_props
+        )
+    ]
+
+
+def quantize_int8(source: Path, target_path: Path, keep_fp32: list[str] = ()) -> dict:
+    """Every MatMul with a constant weight but those named in `keep_fp32` gets int8 weights
+    (activations are quantized on the fly per call: onnxruntime's DynamicQuantizeMatMul).
+    `source` should be constant-folded, so that transposed and per-expert weights are
+    initializers the quantizer can see."""
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs per-node notes
     # Shapes recorded by onnxruntime's optimizer for the expert branches (NonZero-sized)
     # conflict with onnx's re-inference; the quantizer infers them afresh.
@@ -34,8 +50,9 @@ def quantize_int8(source: Path, target_path: Path) -> dict:
         op_types_to_quantize=["MatMul"],
         per_channel=True,  # one scale per output column: outlier columns cost only themselves
         use_external_data_format=True,
+        nodes_to_exclude=list(keep_fp32),
     )
-    return {"scheme": "int8 dynamic", "weights": "MatMul"}
+    return {"scheme": "int8 dynamic, per channel", "kept_fp32": len(keep_fp32)}
 
 
 @dataclass
@@ -135,11 +152,10 @@ def quantize_experts(raw: Path, target_path: Path, model, tokenizer, budget_mb: 
     assign_bits(slots, budget_mb)
     bits_of = {(s.layer, s.expert): s.bits for s in slots}
     onnx_model = onnx.load(str(raw))
-    split = SplitExpertWeights(set(stacked)).apply(onnx_model)
+    matmuls = SplitExpertWeights(set(stacked)).apply(onnx_model)
     by_bits: dict[int, list[str]] = {4: [], 8: []}
-    for weight, matmul in split.items():
-        stack, expert = weight.removesuffix(".T").rsplit(".", 1)
-        bits = bits_of[(stacked[stack], int(expert))]
+    for matmul, (stack, expert) in matmuls.items():
+        bits = bits_of[(stacked[stack], expert)]
         if bits in by_bits:
             by_bits[bits].append(matmul)
     for bits, nodes in by_bits.items():

@@ -1,17 +1,21 @@
 """Graph pass: one initializer per expert weight, so experts can be quantized one by one.
 
-The gather lowering reads expert `e` of a stacked `[E, W, H]` weight as
+The gather lowering reads expert `e` of stacked `[E, W, H]` weights as
 
-        stacked (initializer) ──► Gather(index = e) ──► Transpose(perm = [1, 0]) ──► MatMul
+    gate (initializer) ─► Gather(e) ─┐
+                                      ├─► Concat ─► Transpose ─► MatMul      (SwiGLU: fused)
+    up   (initializer) ─► Gather(e) ─┘
+    down (initializer) ─► Gather(e) ─► Transpose ─► MatMul
 
-and this pass replaces the Gather (and the Transpose, when that is its only consumer) with a
-new initializer `<stacked name>.<e>.T` holding that expert's (transposed) slice. The stacked
-tensor is dropped once nothing reads it. MatMuls that read an expert weight are named
-`<stacked name>.<e>.matmul` so quantizers can select them by name.
+This pass replaces each Gather with a new initializer `<stacked name>.<e>`, then folds the
+Concat / Transpose nodes whose inputs are all such initializers, so every expert MatMul reads
+one constant weight of its own. Those MatMuls are renamed `<weight>.matmul` for quantizers to
+select by name; the stacked tensors are dropped once nothing reads them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -23,61 +27,72 @@ class SplitExpertWeights:
         self.stacked = stacked  # initializer names of the stacked expert weights
         self.rewrites = 0
 
-    def apply(self, model: onnx.ModelProto) -> dict[str, str]:
-        """Rewrite `model` in place; returns {per-expert initializer: its MatMul's name}."""
+    def apply(self, model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+        """Rewrite `model` in place; returns {MatMul name: (stacked weight, expert)}."""
         graph = model.graph
-        inits = {i.name: i for i in graph.initializer}
+        values = {i.name: i for i in graph.initializer}
         constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-        consumers = _consumers(graph)
-        split: dict[str, str] = {}
-        removed = []
+        origin: dict[str, tuple[str, int]] = {}  # per-expert initializer -> (stacked, expert)
+        arrays: dict[str, np.ndarray] = {}
         for node in list(graph.node):
-            if node.op_type != "Gather" or node.input[0] not in self.stacked:
-                continue
-            expert = int(_constant(node.input[1], inits, constants))
-            values = numpy_helper.to_array(inits[node.input[0]], base_dir="")[expert]
-            users = consumers.get(node.output[0], [])
-            transposes = [u for u in users if u.op_type == "Transpose"]
-            if users and len(transposes) == len(users):
-                name, values = f"{node.input[0]}.{expert}.T", values.T
-                outputs, removed = [t.output[0] for t in transposes], removed + transposes
-            else:
-                name, outputs = f"{node.input[0]}.{expert}", [node.output[0]]
-            graph.initializer.append(numpy_helper.from_array(values.copy(), name))
-            for output in outputs:
-                for user in consumers.get(output, []):
-                    user.input[:] = [name if i == output else i for i in user.input]
-                    if user.op_type == "MatMul":
-                        user.name = f"{name}.matmul"
-                        split[name] = user.name
-            removed.append(node)
-            self.rewrites += 1
+            if node.op_type == "Gather" and node.input[0] in self.stacked:
+                expert = int(_constant(node.input[1], values, constants))
+                name = f"{node.input[0]}.{expert}"
+                arrays[name] = numpy_helper.to_array(values[node.input[0]])[expert]
+                origin[name] = (node.input[0], expert)
+                self._replace(graph, node, name)
         if not self.rewrites:
             raise ExportError(
-                "no expert weights were found to split; the MoE graph is not "
-                "in the gather form (moe_op: gather)"
+                "no expert weights were found to split; per-expert quantization needs the "
+                "gather form of the MoE layers (moe_op: gather)"
             )
-        for node in removed:
-            graph.node.remove(node)
+        self._fold(graph, origin, arrays)
+        for name, array in arrays.items():
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        matmuls = {}
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.input[1] in origin:
+                node.name = f"{node.input[1]}.matmul"
+                matmuls[node.name] = origin[node.input[1]]
         _drop_unused(graph)
-        return split
+        return matmuls
+
+    def _replace(self, graph, node, name: str) -> None:
+        for user in graph.node:
+            user.input[:] = [name if i == node.output[0] else i for i in user.input]
+        graph.node.remove(node)
+        self.rewrites += 1
+
+    def _fold(self, graph, origin: dict, arrays: dict) -> None:
+        """Fold Concat and Transpose nodes that read only per-expert weights."""
+        changed = True
+        while changed:
+            changed = False
+            for node in list(graph.node):
+                if node.op_type not in ("Concat", "Transpose"):
+                    continue
+                if not node.input or not all(i in arrays for i in node.input):
+                    continue
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                if node.op_type == "Concat":
+                    name = "+".join(node.input)
+                    array = np.concatenate([arrays[i] for i in node.input], axis=attrs["axis"])
+                else:
+                    name = f"{node.input[0]}.T"
+                    array = np.transpose(arrays[node.input[0]], attrs.get("perm"))
+                arrays[name], origin[name] = array, origin[node.input[0]]
+                self._replace(graph, node, name)
+                changed = True
+        used = {i for node in graph.node for i in node.input}
+        for name in [n for n in arrays if n not in used]:
+            del arrays[name]
 
 
-def _consumers(graph) -> dict[str, list]:
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
-
-
-def _constant(name: str, inits: dict, constants: dict):
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
+def _constant(name: str, values: dict, constants: dict):
+    if name in values:
+        return numpy_helper.to_array(values[name])
     node = constants.get(name)
-    if node is None:
-        raise ExportError(f"expert index {name} is not a constant; cannot split experts")
-    for attribute in node.attribute:
+    for attribute in node.attribute if node is not None else []:
         if attribute.name == "value":
             return numpy_helper.to_array(attribute.t)
         if attribute.name == "value_int":
@@ -91,8 +106,5 @@ def _drop_unused(graph) -> None:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    unused_constants = [
-        n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used
-    ]
-    for node in unused_constants:
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)

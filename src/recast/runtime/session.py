@@ -41,7 +41,9 @@ class Session:
         try:
             if self.manifest["artifact"] == "pt2":
                 return Pt2Graph(path, spec, device)
-            return OnnxGraph(path, device, threads)
+            # The router is small: one thread, so no second spinning thread pool competes
+            # with the backbone's right after it.
+            return OnnxGraph(path, device, 1 if spec["file"].startswith("router") else threads)
         except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unverified damaged file
             raise BundleIntegrityError(f"{path} cannot be loaded: {exc}") from exc
 
