@@ -27,6 +27,7 @@ CASES = {
     "llama-pregate": ("llama", "pregate"),
     "gpt2-layer": ("gpt2", "layer"),
     "bert-dense": ("bert", "dense"),
+    "bert-layer": ("bert", "layer"),
     "bert-pregate": ("bert", "pregate"),
 }
 
@@ -314,3 +315,27 @@ def test_expert_bitwidths_follow_importance_within_budget(bundles):
     counts = op_counts(bundle / "model.onnx")
     assert counts["MatMulNBits"] == 2 * sum(e["bits"] < 32 for e in experts)  # gate+up, down
     assert manifest["parity"]["max_error"] <= 0.2
+
+
+@pytest.mark.parametrize("case", ["llama-pregate", "bert-layer"])
+def test_pt2_bundle_matches_torch(bundles, case):
+    model, bundle = bundles(case, format="pt2")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["artifact"] == "pt2" and manifest["parity"]["max_error"] <= 1e-4
+    assert (bundle / "model.pt2").exists()
+    session = recast.runtime.load(bundle)
+    assert session.providers == ["torch:cpu"]
+    if session.kind == "decoder":
+        prompt = token_batch(1, 5, seed=1)
+        with torch.no_grad():
+            expected = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        session.model_info["eos_token_ids"] = []
+        np.testing.assert_array_equal(session.generate(prompt.numpy(), max_new_tokens=6), expected)
+
+
+@pytest.mark.slow
+def test_pt2_aot_inductor_package_runs_and_passes_parity(bundles):
+    _, bundle = bundles("llama-layer", format="pt2", compile=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["model"]["compiled"] == "model.aoti.pt2"
+    assert manifest["parity"]["max_error"] <= 1e-4  # checked on the compiled package

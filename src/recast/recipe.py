@@ -201,6 +201,8 @@ class ExportSpec(Section):
             raise ValueError("quantize is for format onnx with target cpu (cuda bundles are fp16)")
         if self.compile and self.format != "pt2":
             raise ValueError("compile makes an AOTInductor package: it needs format: pt2")
+        if self.compile and self.target == "cuda":
+            raise ValueError("compile builds CPU kernels from the CPU-traced program: target cpu")
         if self.format == "pt2" and self.moe_op != "auto":
             raise ValueError("moe_op chooses the ONNX lowering; pt2 programs keep recast's op")
         if isinstance(self.quantize, QuantizeSpec) and self.moe_op == "contrib":

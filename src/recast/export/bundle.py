@@ -92,13 +92,13 @@ def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
 def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec, tokenizer) -> dict:
     graphs = {}
     for name, traceable in traceables(model).items():
-        quantization = None
+        quantization = compiled = None
         log.info("exporting %s graph (%s)", name, spec.format)
         file = f"{name}.{'pt2' if spec.format == 'pt2' else 'onnx'}"
         if spec.format == "pt2":
             from .pt2 import export_pt2
 
-            export_pt2(traceable, staging / file, compile=spec.compile)
+            compiled = export_pt2(traceable, staging / file, compile=spec.compile)
             inputs, outputs = _pt2_io(traceable)
         else:
             from .onnx import export_onnx
@@ -115,6 +115,8 @@ def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec,
             )
             inputs, outputs = _onnx_io(staging / file)
         graphs[name] = {"file": file, "inputs": inputs, "outputs": outputs}
+        if spec.format == "pt2" and compiled is not None:
+            graphs[name]["compiled"] = compiled.name  # what the runtime runs
         if quantization is not None:
             graphs[name]["quantization"] = quantization
     return graphs
@@ -163,7 +165,7 @@ def _onnx_io(path: Path) -> tuple[list[dict], list[dict]]:
 
 def _pt2_io(traceable) -> tuple[list[dict], list[dict]]:
     """Names, dtypes and named dynamic axes of the example inputs (the program's own)."""
-    leaves = torch.utils._pytree.tree_flatten(traceable.args)[0]
+    leaves = [a for a in torch.utils._pytree.tree_flatten(traceable.args)[0] if a is not None]
     inputs = [
         {
             "name": name,

@@ -59,20 +59,25 @@ class OnnxGraph:
 
 
 class Pt2Graph:
-    """A `torch.export` program; needs torch (and recast's export ops for MoE graphs)."""
+    """A `torch.export` program, or its AOTInductor package when the bundle has one; needs
+    torch (and recast's export ops for MoE graphs)."""
 
     def __init__(self, path: Path, spec: dict, device: str | None):
         import torch
-        from torch.utils import _pytree
 
         from ..export import ops  # noqa: F401  registers recast::routed_experts
 
-        self.torch, self.pytree = torch, _pytree
+        self.torch = torch
         self.device = "cuda" if device == "cuda" else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise DeviceUnavailableError("device 'cuda' needs a CUDA build of torch and a GPU")
-        self.program = torch.export.load(str(path))
-        self.module = self.program.module().to(self.device)
+        if spec.get("compiled"):  # an AOTInductor package: compiled kernels, same signature
+            self.module = torch._inductor.aoti_load_package(str(path.parent / spec["compiled"]))
+        else:
+            # guards are replaced by the session's input checks and the export's parity gate
+            # (see recast.export.pt2)
+            program = torch.export.load(str(path))
+            self.module = program.module(check_guards=False).to(self.device)
         self.inputs = {i["name"]: (np.dtype(i["dtype"]).type, i["shape"]) for i in spec["inputs"]}
         self.output_names = [o["name"] for o in spec["outputs"]]
 
@@ -81,14 +86,13 @@ class Pt2Graph:
         return [f"torch:{self.device}"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        flat = [
+        # the program takes the inputs positionally in manifest order (recast.export.pt2)
+        args = [
             self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
             for n in self.inputs
         ]
-        args, kwargs = self.pytree.tree_unflatten(flat, self.program.call_spec.in_spec)
         with self.torch.no_grad():
-            out = self.module(*args, **kwargs)
-        values = self.pytree.tree_flatten(out)[0]
+            values = self.module(*args)
         return {
             name: value.detach().cpu().numpy()
             for name, value in zip(self.output_names, values, strict=True)
