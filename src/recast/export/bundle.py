@@ -61,7 +61,7 @@ def export_bundle(
             (staging / "recipe.yaml").write_text(recipe_yaml)
         manifest = _manifest(model, spec, graphs, source)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        manifest["parity"] = check_parity(model, staging, spec)
+        manifest["parity"] = check_parity(model, staging, spec, tokenizer)
         manifest["files"] = file_records(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out

@@ -63,12 +63,15 @@ def _name_axes(path: Path, traceable: Traceable) -> None:
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints its steps and many warnings; recast reports its own progress."""
-    noisy = logging.getLogger("onnx_ir")  # logs each deduplicated initializer at INFO
-    level = noisy.level
-    noisy.setLevel(logging.WARNING)
+    # onnx_ir and onnxscript log every deduplicated initializer and skipped fold at INFO
+    noisy = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        noisy.setLevel(level)
+        for logger, level in zip(noisy, levels, strict=True):
+            logger.setLevel(level)

@@ -39,7 +39,14 @@ class OnnxGraph:
         options.log_severity_level = 3  # provider fallbacks are reported by `providers`
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        providers = providers_for(device)
+        # onnxruntime-gpu lists CUDA even where its libraries or a GPU are missing, and prints
+        # errors while falling back to the CPU; `providers` tells what was used instead.
+        ort.set_default_logger_severity(4)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise DeviceUnavailableError(
                 "onnxruntime could not start its CUDA provider (no usable GPU); use device='cpu'"

@@ -53,7 +53,12 @@ class Session:
             return None
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
+        # tokenizer.json may carry a padding / truncation setup (MiniLM's pads to 128):
+        # `encode` pads to the batch and truncates to the model's maximum itself
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
 
     @property
     def providers(self) -> list[str]:
