@@ -34,14 +34,16 @@ def test_statistics_match_direct_computation_and_ignore_padding():
         model, family, {"d": sequences}, batch_size=3, reservoir_size=8, progress=False
     )
     direct = all_activations(model, family, sequences)
+    # The padded batch and the one-by-one runs take different attention kernels (masked vs
+    # causal), which differ by up to ~1e-5 in fp32; counting a padded token would be off by
+    # orders of magnitude more.
+    close = dict(rtol=1e-4, atol=2e-5)
     for layer_stats, h in zip(stats, direct, strict=True):
         assert layer_stats.tokens == 19
-        torch.testing.assert_close(layer_stats.mean_abs, h.abs().mean(0), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer_stats.mean, h.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer_stats.mean_abs, h.abs().mean(0), **close)
+        torch.testing.assert_close(layer_stats.mean, h.mean(0), **close)
         torch.testing.assert_close(layer_stats.positive_fraction, (h > 0).float().mean(0))
-        torch.testing.assert_close(
-            layer_stats.domain_mean_abs["d"], h.abs().mean(0), rtol=1e-5, atol=1e-6
-        )
+        torch.testing.assert_close(layer_stats.domain_mean_abs["d"], h.abs().mean(0), **close)
         # Reservoir rows are real token activations.
         assert all(
             any(torch.allclose(row, t, atol=1e-5) for t in h) for row in layer_stats.reservoir
