@@ -222,9 +222,22 @@ def test_bad_inputs_get_clear_errors(bundles):
         session.forward(np.ones((1, 65), np.int64))
     with pytest.raises(RuntimeInputError, match="must be integers"):
         session.forward(np.ones((1, 3), np.float32))
-    with pytest.raises(RuntimeInputError, match="input_ids must be a int64 array, got int32"):
-        feeds = {"input_ids": np.ones((1, 3), np.int32)}
-        session.run(feeds, graph="router")
+    ids = np.ones((1, 3), np.int64)
+    routed = session.route(ids)
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.arange(3)[None],
+        "expert_indices": routed["expert_indices"],
+        "expert_weights": routed["expert_weights"],
+        **session.empty_cache(1),
+    }
+    session.run(feeds)  # well-formed
+    feeds["past.0.key"] = feeds["past.0.key"].astype(np.float64)
+    with pytest.raises(RuntimeInputError, match="past.0.key must be a float32 array, got float64"):
+        session.run(feeds)
+    with pytest.raises(RuntimeInputError, match=r"missing \['past.0.key'"):
+        session.run({"input_ids": np.ones((1, 3), np.int64)}, graph="router")
     with pytest.raises(RuntimeInputError, match="exceeds the model's maximum of 64"):
         session.generate(np.ones((1, 60), np.int64), max_new_tokens=10)
     with pytest.raises(RuntimeInputError, match="needs an encoder"):

@@ -46,6 +46,22 @@ def test_pregate_generation_with_cache_matches_recomputation(tiny_moe):
     assert torch.equal(cached, uncached)
 
 
+def test_pregate_cached_forward_matches_the_full_forward(tiny_moe):
+    """What exported router graphs compute: a prefix, then one token at a time with the
+    router's own key/value cache, gives the full forward's logits."""
+    network = pregate_moe(tiny_moe, depth=2).recast_router
+    ids = token_batch(2, 11, seed=3)
+    with torch.no_grad():
+        full = network(ids)
+        logits, cache = network.cached_forward(ids[:, :6], network.empty_cache(2))
+        steps = [logits]
+        for t in range(6, 11):
+            logits, cache = network.cached_forward(ids[:, t : t + 1], cache)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache[0][0].shape == (2, 2, 11, 8)  # [batch, heads, tokens, width / heads]
+
+
 def test_pregate_embedding_starts_from_backbone_projection(tiny_moe):
     moe = pregate_moe(tiny_moe)
     backbone = moe.get_input_embeddings().weight

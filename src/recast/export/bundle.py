@@ -205,6 +205,14 @@ def _manifest(model: nn.Module, spec: ExportSpec, graphs: dict, source: str) -> 
             "heads": shape.heads,
             "head_dim": shape.head_dim,
         }
+    network = pregate_network(model)
+    if network is not None:
+        key = network.empty_cache(1)[0][0]
+        model_info["router_cache"] = {
+            "layers": len(network.empty_cache(1)),
+            "heads": key.shape[1],
+            "head_dim": key.shape[3],
+        }
     routing = None
     if info is not None:
         routing = {

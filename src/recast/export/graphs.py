@@ -38,10 +38,11 @@ class RouterGraph(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        values, indices = torch.topk(self.network(input_ids), self.network.top_k, dim=-1)
+    def forward(self, input_ids: Tensor, past: list[tuple[Tensor, Tensor]]):
+        logits, present = self.network.cached_forward(input_ids, past)
+        values, indices = torch.topk(logits, self.network.top_k, dim=-1)
         weights = combine_weights(values, self.network.combine)
-        return indices, torch.ones_like(values) if weights is None else weights
+        return indices, torch.ones_like(values) if weights is None else weights, present
 
 
 class _Backbone(nn.Module):
@@ -157,18 +158,30 @@ def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str
     ids = torch.randint(0, vocab, (batch, length), generator=generator)
     longest = getattr(model.config, "max_position_embeddings", None)
     b, t = Dim("batch", min=1), Dim("sequence", min=1, max=longest)
+    p = Dim("past", min=0)
     routed_axes = {}
     out: dict[str, Traceable] = {}
     network = pregate_network(model)
     routed_names, routed_dims = [], {}
     if network is not None:
+        router_past = [  # [B, heads, past, head_dim] per block, like the backbone's cache
+            tuple(
+                torch.randn(*kv.shape[:2], past_length, kv.shape[3], generator=generator)
+                for kv in layer
+            )
+            for layer in network.empty_cache(batch)
+        ]
+        names = [f"past.{i}.{kv}" for i in range(len(router_past)) for kv in ("key", "value")]
         out["router"] = Traceable(
             RouterGraph(network),
-            (ids,),
-            ["input_ids"],
-            ["expert_indices", "expert_weights"],
-            {"input_ids": {0: b, 1: t}},
-            {"input_ids": NAMES},
+            (ids, router_past),
+            ["input_ids", *names],
+            ["expert_indices", "expert_weights", *[n.replace("past.", "present.") for n in names]],
+            {
+                "input_ids": {0: b, 1: t},
+                "past": [({0: b, 2: p}, {0: b, 2: p}) for _ in router_past],
+            },
+            {"input_ids": NAMES, **{n: {0: "batch", 2: "past"} for n in names}},
         )
         routed_names = ["expert_indices", "expert_weights"]
         routed_dims = {"expert_indices": {0: b, 1: t}, "expert_weights": {0: b, 1: t}}
@@ -191,8 +204,7 @@ def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str
         )
         return out
     shape = cache_shape(model)
-    # the mask spans past + new tokens: AUTO lets torch.export derive that relation
-    p, total = Dim("past", min=0), Dim("total", min=1)
+    total = Dim("total", min=1)  # the mask spans past + new tokens
     past = [
         tuple(
             torch.randn(batch, shape.heads, past_length, shape.head_dim, generator=generator).to(

@@ -185,6 +185,7 @@ def _check_cache(model, session, generator, tolerance, precision) -> list[dict]:
     reference = model(input_ids=ids).logits.float().numpy()
     tokens = ids.numpy()
     cache = session.empty_cache(2)
+    router_cache = None
     cases = []
     for start, stop in [(0, 6), (6, 7), (7, 8), (8, 9)]:
         mask = np.ones((2, stop), np.int64)
@@ -194,8 +195,9 @@ def _check_cache(model, session, generator, tolerance, precision) -> list[dict]:
             "position_ids": positions(mask)[:, start:stop],
         }
         if "router" in session.graphs:
-            routed = session.route(tokens[:, :stop])
-            feeds.update({k: v[:, start:stop] for k, v in routed.items()})
+            routed = session.route(tokens[:, start:stop], router_cache)
+            router_cache = routed.pop("cache")
+            feeds.update(routed)
         out = session.run({**feeds, **cache})
         cache = {k.replace("present.", "past."): v for k, v in out.items() if k != "logits"}
         what = f"cached step, positions {start}..{stop - 1}"

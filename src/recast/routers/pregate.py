@@ -30,16 +30,16 @@ class PregateOptions(RouterOptions):
         return self
 
 
-def sinusoidal_positions(length: int, width: int) -> Tensor:
-    """Fixed position encodings, so the router takes sequences of any length."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
+def sinusoidal_positions(positions: Tensor, width: int) -> Tensor:
+    """Fixed encodings `[..., width]` of integer `positions`, so the router takes sequences of
+    any length (and, decoding with a cache, any offset)."""
     frequency = torch.exp(
-        torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width)
+        torch.arange(0, width, 2, dtype=torch.float32, device=positions.device)
+        * (-math.log(10000.0) / width)
     )
-    encoding = torch.zeros(length, width)
-    encoding[:, 0::2] = torch.sin(position * frequency)
-    encoding[:, 1::2] = torch.cos(position * frequency[: width // 2])
-    return encoding
+    angles = positions.float()[..., None] * frequency
+    # interleaved: sin at even features, cos at odd ones
+    return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(-2)[..., :width]
 
 
 class PregateNetwork(nn.Module):
@@ -95,10 +95,50 @@ class PregateNetwork(nn.Module):
                 f"{self.vocab_size}; use the tokenizer the model was converted with"
             )
         length = input_ids.shape[1]
-        x = self.embed(input_ids) + sinusoidal_positions(length, self.width).to(self.embed.weight)
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.embed(input_ids) + sinusoidal_positions(positions, self.width).to(
+            self.embed.weight
+        )
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device)
         x = self.blocks(x, mask=causal, is_causal=True)
         return self.head(self.norm(x))
+
+    def cached_forward(
+        self, input_ids: Tensor, past: list[tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """`forward` for the tokens after `past` (per block: keys and values
+        `[B, heads, P, W / heads]`), returning their logits and the extended cache: what lets
+        a runtime route each decoded token without rerunning the prefix. Same weights and
+        arithmetic as `forward` (pre-norm blocks, exact GELU, no dropout)."""
+        offset = past[0][0].shape[2]
+        length = input_ids.shape[1]
+        positions = torch.arange(offset, offset + length, device=input_ids.device)
+        x = self.embed(input_ids) + sinusoidal_positions(positions, self.width).to(
+            self.embed.weight
+        )
+        # query i (at offset + i) sees keys 0 .. offset + i
+        keys = torch.arange(offset + length, device=input_ids.device)
+        allowed = keys[None, :] <= positions[:, None]
+        present = []
+        for block, (past_key, past_value) in zip(self.blocks.layers, past, strict=True):
+            attention = block.self_attn
+            heads = attention.num_heads
+            q, k, v = nn.functional.linear(
+                block.norm1(x), attention.in_proj_weight, attention.in_proj_bias
+            ).chunk(3, dim=-1)
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+            k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+            present.append((k, v))
+            h = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            x = x + attention.out_proj(h.transpose(1, 2).flatten(-2))
+            x = x + block.linear2(block.activation(block.linear1(block.norm2(x))))
+        return self.head(self.norm(x)), present
+
+    def empty_cache(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+        heads = self.blocks.layers[0].self_attn.num_heads
+        shape = (batch, heads, 0, self.width // heads)
+        weight = self.embed.weight
+        return [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in self.blocks.layers]
 
     def select(self, logits: Tensor) -> Routing:
         values, indices = torch.topk(logits, self.top_k, dim=-1)

@@ -43,7 +43,7 @@ class Sampling:
 def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, eos: list[int]):
     """`ids [B, T]` followed by up to `max_new_tokens` tokens per row; rows that produced an
     end-of-sequence token are padded with it while the others go on."""
-    from .session import positions
+    from .session import _presents_as_past, positions
 
     if max_new_tokens < 0:
         raise RuntimeInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -58,6 +58,7 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
     tokens = ids.copy()
     mask = np.ones_like(ids)
     cache = session.empty_cache(batch)
+    router_cache = None
     new = ids
     done = np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
@@ -66,15 +67,12 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
             "attention_mask": mask,
             "position_ids": positions(mask)[:, -new.shape[1] :],
         }
-        if "router" in session.graphs:  # the router is causal: rerun it on the whole prefix
-            routed = session.route(tokens)
-            feeds.update({k: v[:, -new.shape[1] :] for k, v in routed.items()})
+        if "router" in session.graphs:  # routed ahead of the backbone, with its own cache
+            routed = session.route(new, router_cache)
+            router_cache = routed.pop("cache")
+            feeds.update(routed)
         out = session.run({**feeds, **cache})
-        cache = {
-            name.replace("present.", "past."): value
-            for name, value in out.items()
-            if name.startswith("present.")
-        }
+        cache = _presents_as_past(out)
         step = sampling.pick(out["logits"][:, -1])
         if eos:
             step = np.where(done, eos[0], step)

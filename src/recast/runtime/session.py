@@ -110,10 +110,18 @@ class Session:
 
     # -- model-level calls ------------------------------------------------------------------
 
-    def route(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Pre-gating bundles: every layer's experts for `input_ids`, before the backbone."""
-        out = self.run({"input_ids": input_ids}, graph="router")
-        return {"expert_indices": out["expert_indices"], "expert_weights": out["expert_weights"]}
+    def route(self, input_ids: np.ndarray, cache: dict | None = None) -> dict:
+        """Pre-gating bundles: every layer's experts for `input_ids`, before the backbone:
+        `expert_indices`, `expert_weights` and `cache`, which routes the tokens that follow
+        `input_ids` without rerunning them (pass it back with those tokens)."""
+        ids = as_ids(input_ids)
+        cache = cache if cache is not None else self._empty("router_cache", ids.shape[0])
+        out = self.run({"input_ids": ids, **cache}, graph="router")
+        return {
+            "expert_indices": out["expert_indices"],
+            "expert_weights": out["expert_weights"],
+            "cache": _presents_as_past(out),
+        }
 
     def forward(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
         """`logits` (decoders) or `last_hidden_state` (encoders) for a batch of token ids."""
@@ -126,13 +134,20 @@ class Session:
             feeds["position_ids"] = positions(mask)[:, -ids.shape[1] :]
             feeds.update(self.empty_cache(ids.shape[0]))
         if "router" in self.graphs:
-            feeds.update(self.route(ids))
+            routed = self.route(ids)
+            feeds.update(
+                expert_indices=routed["expert_indices"], expert_weights=routed["expert_weights"]
+            )
         out = self.run(feeds)
         name = "logits" if self.kind == "decoder" else "last_hidden_state"
         return {name: out[name]}
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        cache = self.model_info["cache"]
+        """The backbone's `past.*` inputs for a first (prefill) call."""
+        return self._empty("cache", batch)
+
+    def _empty(self, which: str, batch: int) -> dict[str, np.ndarray]:
+        cache = self.model_info[which]
         shape = (batch, cache["heads"], 0, cache["head_dim"])
         return {
             f"past.{i}.{kv}": np.zeros(shape, np.float32)
@@ -187,6 +202,15 @@ class Session:
         if text:
             return self.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         return out if np.ndim(prompt) == 2 else out[0]
+
+
+def _presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A graph's `present.*` outputs, named as the `past.*` inputs of its next call."""
+    return {
+        name.replace("present.", "past."): value
+        for name, value in outputs.items()
+        if name.startswith("present.")
+    }
 
 
 def as_ids(values) -> np.ndarray:
