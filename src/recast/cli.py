@@ -146,6 +146,41 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--json", action="store_true", help="print JSON")
+
+    trace = sub.add_parser(
+        "trace",
+        help="record a pre-gating bundle's routing on built-in text as a trace file",
+        description="Route English text (Python's pydoc topics) through a pre-gating bundle's "
+        "router and write the experts each step uses, per layer, as a recast-trace JSON file "
+        "for `recast simulate`. Docs: docs/export.md.",
+    )
+    trace.add_argument("bundle", help="a pre-gating bundle directory")
+    trace.add_argument("--out", required=True, help="trace file to write")
+    trace.add_argument("--sequences", type=int, default=32, help="sequences of text")
+    trace.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    trace.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    trace.add_argument(
+        "--prefill", action="store_true", help="one step per batch (default: one per token)"
+    )
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="replay a routing trace through expert caches: hit rate per policy and size",
+        description="Replay a recast-trace file through an expert cache for each policy and "
+        "capacity (in experts) and print hit rates, misses and bytes loaded; Belady's "
+        "policy (which knows the future) bounds the others.",
+    )
+    simulate.add_argument("trace_file", metavar="trace", help="a recast-trace JSON file")
+    simulate.add_argument(
+        "--policy", default="lru,lfu,belady", help="comma-separated policies (lru, lfu, belady)"
+    )
+    simulate.add_argument(
+        "--cache",
+        default=None,
+        help="comma-separated capacities in experts (default: 1/8, 1/4, 1/2 and 3/4 of all)",
+    )
+    simulate.add_argument("--png", help="write a chart of hit rate against cache size")
+    simulate.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -296,11 +331,96 @@ def _bench(args) -> int:
     return 0
 
 
+def _trace(args) -> int:
+    from .runtime import load
+    from .runtime.simulate import builtin_batches, trace_from_routes
+
+    session = load(args.bundle, device="cpu")
+    batches = builtin_batches(session, args.sequences, args.length, args.batch)
+    trace = trace_from_routes(session, batches, decode=not args.prefill)
+    trace.save(args.out)
+    print(
+        f"{args.out}: {len(trace.steps)} steps, {trace.layers} layers x {trace.experts} experts, "
+        f"{trace.unique_per_step():.1f} distinct experts per step"
+    )
+    return 0
+
+
+def _simulate(args) -> int:
+    from .errors import TraceError
+    from .runtime.simulate import Trace, simulate
+
+    trace = Trace.load(args.trace_file)
+    total = trace.layers * trace.experts
+    try:
+        capacities = (
+            [int(c) for c in args.cache.split(",")]
+            if args.cache
+            else sorted({max(1, total * n // 8) for n in (1, 2, 4, 6)})
+        )
+    except ValueError:
+        raise TraceError(f"--cache takes comma-separated integers, got {args.cache!r}") from None
+    results = [
+        simulate(trace, policy.strip(), capacity)
+        for policy in args.policy.split(",")
+        for capacity in capacities
+    ]
+    rows = [
+        {
+            "policy": r.policy,
+            "capacity": r.capacity,
+            "hit_rate": r.hit_rate,
+            "hits": r.hits,
+            "misses": r.misses,
+            "bytes_loaded": r.bytes_loaded,
+        }
+        for r in results
+    ]
+    if args.png:
+        _hit_rate_chart(rows, total, args.png)
+    if args.json:
+        print(json.dumps({"unique_experts_per_step": trace.unique_per_step(), "results": rows}))
+        return 0
+    print(f"{'policy':<8} {'cache':>6} {'hit rate':>9} {'misses':>8} {'MiB loaded':>11}")
+    for row in rows:
+        loaded = "-" if row["bytes_loaded"] is None else f"{row['bytes_loaded'] / 2**20:.1f}"
+        print(
+            f"{row['policy']:<8} {row['capacity']:>6} {row['hit_rate']:>9.3f} "
+            f"{row['misses']:>8} {loaded:>11}"
+        )
+    print(
+        f"({len(trace.steps)} steps, {trace.layers} layers x {trace.experts} experts = {total}; "
+        f"{trace.unique_per_step():.1f} distinct experts per step)"
+    )
+    return 0
+
+
+def _hit_rate_chart(rows: list[dict], total: int, path: str) -> None:
+    from .errors import TraceError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TraceError("--png needs matplotlib (pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy]
+        ax.plot([r["capacity"] for r in mine], [r["hit_rate"] for r in mine], "o-", label=policy)
+    ax.set_xlabel(f"cache capacity (experts, of {total})")
+    ax.set_ylabel("hit rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .errors import RecastError
 
-    if args.command not in ("run", "bench"):  # these two run without torch
+    if args.command not in ("run", "bench", "trace", "simulate"):  # these run without torch
         import transformers
 
         # recast reports its own stages; transformers' per-file bars would only add noise.
@@ -312,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         "export": _export,
         "run": _run,
         "bench": _bench,
+        "trace": _trace,
+        "simulate": _simulate,
     }
     try:
         return commands[args.command](args)

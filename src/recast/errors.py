@@ -62,3 +62,7 @@ class RuntimeInputError(RecastError):
 
 class DeviceUnavailableError(RecastError):
     """The asked device (CUDA) is not usable on this machine."""
+
+
+class TraceError(RecastError):
+    """A routing trace is missing, malformed, or cannot be recorded from a bundle."""

@@ -223,6 +223,10 @@ def _manifest(model: nn.Module, spec: ExportSpec, graphs: dict, source: str) -> 
             "pregate": pregate_network(model) is not None,
             "moe_op": spec.resolved_moe_op if spec.format == "onnx" else "recast::routed_experts",
             "expert_widths": info.expert_widths,
+            # one (widest) expert's weights: what an expert cache loads per miss
+            "expert_params": max(info.expert_widths)
+            * config.hidden_size
+            * (3 if moe_layers(model)[0].bank.gate is not None else 2),
             "shared_widths": info.shared_widths,
         }
     return {
