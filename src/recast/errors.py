@@ -66,3 +66,7 @@ class DeviceUnavailableError(RecastError):
 
 class TraceError(RecastError):
     """A routing trace is missing, malformed, or cannot be recorded from a bundle."""
+
+
+class OffloadError(RecastError):
+    """An expert store or cache cannot be set up as asked (no store, a budget below one expert)."""

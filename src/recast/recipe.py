@@ -193,6 +193,7 @@ class ExportSpec(Section):
     quantize: Literal["int8"] | QuantizeSpec | None = None
     moe_op: Literal["auto", "gather", "contrib"] = "auto"  # auto: gather on cpu, contrib on cuda
     compile: bool = False  # pt2: also an AOTInductor package
+    offload: bool = False  # also store each expert on its own (experts/), for expert caching
     dir: str | None = None  # default: <output dir>-<format>
 
     @model_validator(mode="after")

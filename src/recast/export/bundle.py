@@ -28,6 +28,7 @@ from ..errors import ExportError
 from ..models.families import family_for
 from ..recipe import ExportSpec, QuantizeSpec
 from ..refactor.build import moe_layers
+from ..runtime.experts import store_file
 from ..runtime.manifest import BUNDLE_FORMAT_VERSION, MANIFEST, file_records
 from .graphs import cache_shape, is_decoder, pregate_network, traceables
 from .ops import contrib_supports
@@ -55,6 +56,8 @@ def export_bundle(
     out = Path(out)
     with atomic_directory(out, overwrite) as staging, tempfile.TemporaryDirectory() as work:
         graphs = _write_graphs(model, staging, Path(work), spec, tokenizer)
+        if spec.offload:
+            write_expert_store(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if recipe_yaml:
@@ -67,11 +70,40 @@ def export_bundle(
     return out
 
 
+def write_expert_store(model: nn.Module, staging: Path) -> None:
+    """Every routed expert's weights, one safetensors file per layer, in the layout
+    `recast.runtime.experts` reads (fc1 `[hidden, (2 x) width]`, fc2 `[width, hidden]`)."""
+    import safetensors.numpy
+
+    for moe in moe_layers(model):
+        bank = moe.bank
+        tensors = {}
+        for expert in range(bank.num):
+            fc1 = (
+                bank.up[expert]
+                if bank.gate is None
+                else torch.cat([bank.gate[expert], bank.up[expert]])
+            )
+            tensors[f"{expert}.fc1"] = fc1.T
+            tensors[f"{expert}.fc2"] = bank.down[expert].T
+            if bank.up_bias is not None:
+                bias = bank.up_bias[expert]
+                if bank.gate_bias is not None:
+                    bias = torch.cat([bank.gate_bias[expert], bias])
+                tensors[f"{expert}.fc1_bias"] = bias
+        path = staging / store_file(moe.layer_index)
+        path.parent.mkdir(exist_ok=True)
+        arrays = {k: v.detach().float().contiguous().numpy() for k, v in tensors.items()}
+        safetensors.numpy.save_file(arrays, str(path))
+
+
 def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
     if next(model.parameters()).dtype != torch.float32:
         raise ExportError("export starts from fp32 weights; load the model with dtype float32")
     moe_op = spec.resolved_moe_op
     layers = moe_layers(model)
+    if spec.offload and not layers:
+        raise ExportError("offload stores experts one by one: this model has no MoE layers")
     if layers and spec.format == "onnx" and moe_op == "contrib":
         bank = layers[0].bank
         if not contrib_supports(bank.activation, bank.gate is not None):

@@ -24,9 +24,9 @@ Trace files (`recast-trace`, version 1) are JSON:
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import json
-from collections import OrderedDict
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,78 +130,96 @@ class CacheResult:
 
 
 def simulate(trace: Trace, policy: str, capacity: int) -> CacheResult:
-    """Replay `trace` through a cache of `capacity` experts under `policy`."""
-    if policy not in POLICIES:
-        raise TraceError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    """Replay `trace` through a cache of `capacity` experts under `policy` (the same policy
+    classes the runtime's expert cache uses)."""
     if capacity < 1:
         raise TraceError(f"cache capacity must be at least 1 expert, got {capacity}")
     accesses = trace.accesses()
-    hits = {"lru": _lru, "lfu": _lfu, "belady": _belady}[policy](accesses, capacity)
+    chooser = make_policy(policy, accesses)
+    cached: set = set()
+    hits = []
+    for item in accesses:
+        hit = item in cached
+        hits.append(hit)
+        if not hit:
+            while len(cached) >= capacity:
+                cached.remove(chooser.victim(cached))
+            cached.add(item)
+        chooser.used(item)
     result = CacheResult(policy, capacity, sum(hits), len(hits) - sum(hits), order=hits)
     if trace.expert_bytes is not None:
         result.bytes_loaded = result.misses * trace.expert_bytes
     return result
 
 
-def _lru(accesses, capacity) -> list[bool]:
-    cache: OrderedDict = OrderedDict()
-    hits = []
-    for item in accesses:
-        hit = item in cache
-        hits.append(hit)
-        if hit:
-            cache.move_to_end(item)
-            continue
-        if len(cache) >= capacity:
-            cache.popitem(last=False)
-        cache[item] = True
-    return hits
+def make_policy(policy: str, future: list | None = None):
+    """An eviction policy; `belady` needs the access sequence to come (`future`)."""
+    if policy not in POLICIES:
+        raise TraceError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    if policy == "belady":
+        if future is None:
+            raise TraceError("policy 'belady' needs the future accesses (a pre-gating plan)")
+        return Belady(future)
+    return {"lru": LRU, "lfu": LFU}[policy]()
 
 
-def _lfu(accesses, capacity) -> list[bool]:
-    """Frequencies count every access so far (cached or not); ties go to the least recent."""
-    frequency: dict = {}
-    last: dict = {}
-    cache: set = set()
-    heap: list = []  # (frequency, last use, item), stale entries skipped
-    hits = []
-    for t, item in enumerate(accesses):
-        frequency[item] = frequency.get(item, 0) + 1
-        last[item] = t
-        hit = item in cache
-        hits.append(hit)
-        if not hit:
-            while len(cache) >= capacity:
-                f, used, victim = heapq.heappop(heap)
-                if victim in cache and (f, used) == (frequency[victim], last[victim]):
-                    cache.remove(victim)
-            cache.add(item)
-        heapq.heappush(heap, (frequency[item], t, item))
-    return hits
+class LRU:
+    """Evict the least recently used."""
+
+    def __init__(self):
+        self.clock = 0
+        self.last: dict = {}
+
+    def used(self, item) -> None:
+        self.clock += 1
+        self.last[item] = self.clock
+
+    def victim(self, cached: set):
+        return min(cached, key=lambda item: self.last.get(item, 0))
 
 
-def _belady(accesses, capacity) -> list[bool]:
-    """Evict the cached item used furthest in the future (never used again: furthest)."""
-    never = len(accesses)
-    following = [never] * len(accesses)
-    seen: dict = {}
-    for t in range(len(accesses) - 1, -1, -1):
-        following[t] = seen.get(accesses[t], never)
-        seen[accesses[t]] = t
-    cache: dict = {}  # item -> its next use
-    heap: list = []  # (-next use, item), stale entries skipped
-    hits = []
-    for t, item in enumerate(accesses):
-        hit = item in cache
-        hits.append(hit)
-        if not hit:
-            while len(cache) >= capacity:
-                negative, victim = heapq.heappop(heap)
-                if cache.get(victim) == -negative:
-                    del cache[victim]
-        cache[item] = following[t]
-        heapq.heappush(heap, (-following[t], item))
-    return hits
+class LFU(LRU):
+    """Evict the least frequently used so far (every access counts, cached or not); ties go
+    to the least recently used."""
+
+    def __init__(self):
+        super().__init__()
+        self.count: dict = {}
+
+    def used(self, item) -> None:
+        super().used(item)
+        self.count[item] = self.count.get(item, 0) + 1
+
+    def victim(self, cached: set):
+        return min(cached, key=lambda item: (self.count.get(item, 0), self.last.get(item, 0)))
+
+
+class Belady:
+    """Evict the item whose next use is furthest away (never, or not yet known: furthest).
+    The access sequence comes from `extend` (a pre-gating router plans whole batches);
+    `used` must then be called for its items in order."""
+
+    def __init__(self, future: list = ()):
+        self.uses: dict = {}
+        self.length = 0
+        self.position = 0
+        self.extend(future)
+
+    def extend(self, future: list) -> None:
+        for t, item in enumerate(future, start=self.length):
+            self.uses.setdefault(item, []).append(t)
+        self.length += len(future)
+
+    def used(self, item) -> None:
+        self.position += 1
+
+    def next_use(self, item) -> float:
+        uses = self.uses.get(item, [])
+        i = bisect.bisect_left(uses, self.position)
+        return uses[i] if i < len(uses) else math.inf
+
+    def victim(self, cached: set):
+        return max(cached, key=lambda item: (self.next_use(item), item))
 
 
 def builtin_batches(session, sequences: int = 32, length: int = 64, batch: int = 8):

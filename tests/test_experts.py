@@ -1,0 +1,86 @@
+"""The expert store of offload bundles and the live expert cache: the store holds exactly the
+model's expert weights, and the cache agrees with the simulator on every policy."""
+
+import numpy as np
+import pytest
+import torch
+
+import recast
+import recast.runtime
+from recast.errors import OffloadError
+from recast.refactor.build import moe_layers
+from recast.runtime.experts import ExpertCache, ExpertStore
+from recast.runtime.simulate import POLICIES, Trace, simulate, trace_from_routes
+from tiny_models import convert_tiny, token_batch
+
+
+@pytest.fixture(scope="module")
+def offload_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    _, moe, _ = convert_tiny("llama", "uniform", "pregate", combine="softmax")
+    bundle = recast.export(moe, tmp_path_factory.mktemp("b") / "offload", {"offload": True})
+    return moe, bundle
+
+
+def test_store_holds_each_experts_weights(offload_bundle):
+    moe, bundle = offload_bundle
+    store = ExpertStore(bundle)
+    for layer in moe_layers(moe):
+        bank = layer.bank
+        for expert in range(bank.num):
+            weights = store.load(layer.layer_index, expert)
+            fc1 = torch.cat([bank.gate[expert], bank.up[expert]]).T
+            np.testing.assert_array_equal(weights["fc1"], fc1.detach().numpy())
+            np.testing.assert_array_equal(weights["fc2"], bank.down[expert].T.detach().numpy())
+            assert store.nbytes(layer.layer_index, expert) == sum(
+                w.nbytes for w in weights.values()
+            )
+    manifest = recast.runtime.load(bundle).manifest
+    assert "experts/layer_000.safetensors" in manifest["files"]  # checksummed like the rest
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("capacity", [1, 3, 6])
+def test_live_cache_agrees_with_the_simulator(offload_bundle, policy, capacity):
+    _, bundle = offload_bundle
+    session = recast.runtime.load(bundle, device="cpu")
+    trace = trace_from_routes(session, [token_batch(2, 9, seed=s).numpy() for s in (1, 2)])
+    cache = ExpertCache(ExpertStore(bundle), capacity=capacity, policy=policy)
+    cache.plan(trace.accesses())  # a pre-gating runtime knows the routes ahead
+    for layer, expert in trace.accesses():
+        cache.get(layer, expert)
+    expected = simulate(trace, policy, capacity)
+    assert (cache.stats.hits, cache.stats.misses) == (expected.hits, expected.misses)
+    one = ExpertStore(bundle).nbytes(0, 0)
+    assert cache.stats.bytes_loaded == expected.misses * one == expected.bytes_loaded
+    assert cache.stats.peak_resident_bytes <= capacity * one
+
+
+def test_budget_sets_the_capacity_and_bad_setups_are_refused(offload_bundle, tmp_path):
+    _, bundle = offload_bundle
+    store = ExpertStore(bundle)
+    one = store.nbytes(0, 0)
+    assert ExpertCache(store, budget_bytes=int(2.5 * one)).capacity == 2
+    with pytest.raises(OffloadError, match="holds no expert"):
+        ExpertCache(store, budget_bytes=one // 2)
+    with pytest.raises(OffloadError, match="not both"):
+        ExpertCache(store, capacity=2, budget_bytes=one)
+    with pytest.raises(OffloadError, match="export it with offload: true"):
+        ExpertStore(tmp_path)
+
+
+def test_belady_uses_the_plan_it_is_given(offload_bundle):
+    """With the future announced, the expert needed soonest stays: 0 1 2 0 with two slots
+    keeps 0 (Belady) where LRU drops it."""
+    _, bundle = offload_bundle
+    accesses = [(0, 0), (0, 1), (0, 2), (0, 0)]
+    hits = {}
+    for policy in ("lru", "belady"):
+        cache = ExpertCache(ExpertStore(bundle), capacity=2, policy=policy)
+        cache.plan(accesses)
+        for item in accesses:
+            cache.get(*item)
+        hits[policy] = cache.stats.hits
+    assert hits == {"lru": 0, "belady": 1}
+    trace = Trace(1, 4, [[[0]], [[1]], [[2]], [[0]]])
+    assert simulate(trace, "belady", 2).hits == 1
