@@ -230,6 +230,15 @@ def test_export_run_and_bench_a_dense_checkpoint(llama_bundle, capsys):
     assert code == 0 and "decode tok/s" in out and "1.00x" in out
 
 
+def test_inspect_describes_a_bundle(llama_bundle, capsys):
+    code, out, _ = run_cli(["inspect", llama_bundle], capsys)
+    assert code == 0
+    assert "decoder onnx bundle for cpu, fp32" in out and "dense (no experts)" in out
+    assert "parity          max relative difference" in out
+    code, out, _ = run_cli(["inspect", llama_bundle, "--json"], capsys)
+    assert json.loads(out)["kind"] == "decoder"
+
+
 def test_run_refuses_a_tampered_bundle(llama_bundle, tmp_path, capsys):
     import shutil
 

@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect", help="parameters, active parameters per token, experts and their widths"
     )
-    inspect.add_argument("path", help="a recast output directory or a dense checkpoint directory")
+    inspect.add_argument(
+        "path", help="a recast output, a dense checkpoint directory or an exported bundle"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
 
@@ -223,6 +225,12 @@ def _validate(args) -> int:
 
 def _inspect(args) -> int:
     from .inspect import describe, format_description
+    from .runtime.manifest import MANIFEST, read_manifest, summary
+
+    if (Path(args.path) / MANIFEST).is_file():  # a bundle: its manifest, checksums verified
+        manifest = read_manifest(Path(args.path))
+        print(json.dumps(manifest, indent=2) if args.json else summary(Path(args.path), manifest))
+        return 0
 
     description = describe(Path(args.path), trust_pickle=args.trust_pickle)
     print(json.dumps(description, indent=2) if args.json else format_description(description))

@@ -70,3 +70,33 @@ def _check_file(bundle: Path, name: str, record: dict) -> None:
         )
     if sha256(path) != record["sha256"]:
         raise BundleIntegrityError(f"{bundle}: {name} fails its sha256 check; {fix}")
+
+
+def summary(bundle: Path, manifest: dict) -> str:
+    """What `recast inspect BUNDLE` prints: kind, precision, graphs, routing, parity, size."""
+    model, routing, parity = manifest["model"], manifest.get("routing"), manifest["parity"]
+    size = sum(f["size"] for f in manifest["files"].values())
+    lines = [
+        f"{bundle}: {manifest['kind']} {manifest['artifact']} bundle for {manifest['target']}, "
+        f"{manifest['precision']}, {size / 2**20:.1f} MiB, recast {manifest['recast_version']}",
+        f"  source          {manifest['source']}",
+        f"  model           {model['family']}, vocab {model['vocab_size']}, hidden "
+        f"{model['hidden_size']}, max positions {model['max_positions']}",
+        "  graphs          "
+        + ", ".join(f"{name} ({spec['file']})" for name, spec in manifest["graphs"].items()),
+    ]
+    if routing is None:
+        lines.append("  routing         dense (no experts)")
+    else:
+        lines.append(
+            f"  routing         {routing['experts']} experts, top-{routing['top_k']}, "
+            f"{routing['router']['kind']} router{' (ahead of the backbone)' if routing['pregate'] else ''}, "
+            f"MoE op {routing['moe_op']}"
+        )
+    lines.append(
+        f"  parity          {parity['metric']} {parity['max_error']:.2e} <= {parity['tolerance']:g} "
+        f"over {len(parity['cases'])} cases, experts exercised {parity['experts_exercised']:.0%}"
+    )
+    if parity.get("experts_never_chosen"):
+        lines.append(f"  never chosen    {parity['experts_never_chosen']} (layer, expert)")
+    return "\n".join(lines)
