@@ -1,6 +1,8 @@
 """The expert store of offload bundles and the live expert cache: the store holds exactly the
 model's expert weights, and the cache agrees with the simulator on every policy."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +86,75 @@ def test_belady_uses_the_plan_it_is_given(offload_bundle):
     assert hits == {"lru": 0, "belady": 1}
     trace = Trace(1, 4, [[[0]], [[1]], [[2]], [[0]]])
     assert simulate(trace, "belady", 2).hits == 1
+
+
+@pytest.fixture(scope="module")
+def resident_bundle(offload_bundle, tmp_path_factory):
+    moe, _ = offload_bundle
+    return recast.export(moe, tmp_path_factory.mktemp("b") / "resident")
+
+
+def test_offload_graph_holds_no_expert_weights(offload_bundle, resident_bundle):
+    _, bundle = offload_bundle
+    manifest = recast.runtime.load(bundle).manifest
+    assert manifest["routing"]["offload"] and manifest["parity"]["max_error"] <= 1e-4
+    names = {i["name"] for i in manifest["graphs"]["model"]["inputs"]}
+    assert {"experts.0.0.fc1", "experts.1.3.fc2"} <= names
+    backbone = (bundle / "model.onnx.data").stat().st_size
+    assert (
+        backbone
+        < (resident_bundle / "model.onnx.data").stat().st_size
+        - sum(p.stat().st_size for p in (bundle / "experts").iterdir()) * 0.9
+    )  # the experts' bytes moved out of the graph into the store
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_offload_outputs_equal_resident_outputs_with_a_small_cache(
+    offload_bundle, resident_bundle, policy
+):
+    moe, bundle = offload_bundle
+    prompt = token_batch(2, 6, seed=4).numpy()
+    resident = recast.runtime.load(resident_bundle, device="cpu")
+    everything = recast.runtime.load(bundle, device="cpu")  # all experts cached
+    small = recast.runtime.load(bundle, device="cpu", cache=3, policy=policy)
+    tokens = small.generate(prompt, max_new_tokens=10)
+    np.testing.assert_array_equal(tokens, resident.generate(prompt, max_new_tokens=10))
+    with torch.no_grad():
+        expected = moe.generate(torch.from_numpy(prompt), max_new_tokens=10, do_sample=False)
+    np.testing.assert_array_equal(tokens, expected.numpy())
+    logits = small.forward(prompt)["logits"]
+    np.testing.assert_array_equal(logits, everything.forward(prompt)["logits"])  # bitwise
+    np.testing.assert_allclose(logits, resident.forward(prompt)["logits"], atol=1e-5)
+    stats = small.stats()
+    one = ExpertStore(bundle).nbytes(0, 0)
+    assert stats["misses"] > 0 and stats["capacity"] == 3
+    assert stats["peak_resident_bytes"] <= 3 * one
+    assert stats["bytes_loaded"] == stats["misses"] * one
+
+
+def test_offload_refusals(tmp_path, resident_bundle):
+    _, layer_moe, _ = convert_tiny("llama", "uniform", "layer")
+    with pytest.raises(recast.errors.ExportError, match="pre-gating router"):
+        recast.export(layer_moe, tmp_path / "x", {"offload": True})
+    with pytest.raises(recast.errors.RecipeError, match="offload is for fp32 onnx"):
+        recast.export(layer_moe, tmp_path / "y", {"offload": True, "quantize": "int8"})
+    with pytest.raises(recast.errors.RuntimeInputError, match="for offload bundles"):
+        recast.runtime.load(resident_bundle, cache=2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_command_with_an_expert_budget(tmp_path, capsys):
+    from recast.cli import main
+    from tiny_models import tiny_tokenizer
+
+    torch.manual_seed(0)
+    _, moe, _ = convert_tiny("llama", "uniform", "pregate", combine="softmax")
+    bundle = recast.export(moe, tmp_path / "b", {"offload": True}, tokenizer=tiny_tokenizer())
+    one = ExpertStore(bundle).nbytes(0, 0)
+    budget = f"{2 * one / 1024:.3f}KB"  # room for two experts
+    args = ["run", str(bundle), "--prompt", "def f", "--max-new-tokens", "4"]
+    assert main([*args, "--memory-budget", budget, "--policy", "belady", "--json"]) == 0
+    cache = json.loads(capsys.readouterr().out)["expert_cache"]
+    assert cache["capacity"] == 2 and cache["misses"] > 0
+    assert main([*args, "--memory-budget", "lots"]) == 2
+    assert "cannot read the size 'lots'" in capsys.readouterr().err

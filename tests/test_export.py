@@ -18,7 +18,7 @@ from recast.errors import BundleIntegrityError, ExportError, ParityError, Runtim
 from recast.export import onnx as onnx_export
 from recast.export import ops
 from recast.export.optimize import op_counts
-from tiny_models import VOCAB, convert_tiny, tiny_model, token_batch
+from tiny_models import VOCAB, convert_tiny, tiny_model, tiny_tokenizer, token_batch
 
 # (family, router) -> model; "dense" is the source model itself
 CASES = {
@@ -194,7 +194,7 @@ def copy_bundle(bundle, tmp_path):
     return shutil.copytree(bundle, tmp_path / "copy")
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest", "tokenizer"])
 def test_tampered_bundle_fails_to_load(bundles, tmp_path, damage):
     _, bundle = bundles("llama-layer")
     copy = copy_bundle(bundle, tmp_path)
@@ -207,8 +207,10 @@ def test_tampered_bundle_fails_to_load(bundles, tmp_path, damage):
         data.write_bytes(data.read_bytes()[:-10])
     elif damage == "delete":
         data.unlink()
-    else:
+    elif damage == "manifest":
         (copy / "manifest.json").write_text("{not json")
+    else:  # a tokenizer slipped in after export would decide every token id
+        tiny_tokenizer().save_pretrained(copy)
     with pytest.raises(BundleIntegrityError, match="export it again|export the bundle again"):
         recast.runtime.load(copy)
 

@@ -13,7 +13,7 @@ import recast.runtime
 from recast.cli import main
 from recast.errors import TraceError
 from recast.runtime.simulate import POLICIES, Trace, simulate, trace_from_routes
-from tiny_models import convert_tiny, token_batch
+from tiny_models import convert_tiny, tiny_tokenizer, token_batch
 
 
 def one_layer(*experts) -> Trace:
@@ -93,7 +93,7 @@ def test_trace_files_round_trip_and_bad_ones_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def pregate_bundle(tmp_path_factory):
     _, moe, _ = convert_tiny("llama", "uniform", "pregate", combine="softmax")
-    return recast.export(moe, tmp_path_factory.mktemp("b") / "pregate")
+    return recast.export(moe, tmp_path_factory.mktemp("b") / "pregate", tokenizer=tiny_tokenizer())
 
 
 def test_routes_of_a_pregate_bundle_become_a_trace(pregate_bundle):
@@ -110,10 +110,6 @@ def test_routes_of_a_pregate_bundle_become_a_trace(pregate_bundle):
 
 
 def test_trace_and_simulate_commands(pregate_bundle, tmp_path, capsys):
-    from tiny_models import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.save_pretrained(pregate_bundle)  # give the bundle a tokenizer for built-in text
     out = tmp_path / "trace.json"
     assert (
         main(

@@ -132,6 +132,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, help="sampling seed")
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    run.add_argument(
+        "--cache", type=int, metavar="N", help="offload bundles: keep at most N experts in memory"
+    )
+    run.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="offload bundles: expert memory, e.g. 300MB (units KB, MB, GB: powers of 1024)",
+    )
+    run.add_argument(
+        "--policy",
+        choices=["lru", "lfu", "belady"],
+        default="lru",
+        help="offload bundles: expert eviction policy",
+    )
     run.add_argument("--json", action="store_true", help="print JSON")
 
     bench = sub.add_parser(
@@ -278,7 +292,10 @@ def _quantize_setting(args):
 def _run(args) -> int:
     from .runtime import load
 
-    session = load(args.bundle, device=args.device)
+    budget = None if args.memory_budget is None else parse_size(args.memory_budget)
+    session = load(
+        args.bundle, device=args.device, cache=args.cache, memory_budget=budget, policy=args.policy
+    )
     if args.prompt is not None:
         text = session.generate(
             args.prompt,
@@ -288,7 +305,18 @@ def _run(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        print(json.dumps({"prompt": args.prompt, "completion": text}) if args.json else text)
+        result = {"prompt": args.prompt, "completion": text}
+        if session.experts is not None:
+            result["expert_cache"] = session.stats()
+        print(json.dumps(result) if args.json else text)
+        if session.experts is not None and not args.json:
+            stats = session.stats()
+            print(
+                f"experts: {stats['capacity']} cached ({args.policy}), hit rate "
+                f"{stats['hit_rate']:.2f}, {stats['bytes_loaded'] / 2**20:.1f} MiB loaded, peak "
+                f"{stats['peak_resident_bytes'] / 2**20:.1f} MiB resident",
+                file=sys.stderr,
+            )
         return 0
     vectors = session.embed(args.text)
     if args.json:
@@ -300,6 +328,19 @@ def _run(args) -> int:
         if len(args.text) > 1:
             print("cosine similarities:\n" + str(np.round(vectors @ vectors.T, 3)))
     return 0
+
+
+def parse_size(text: str) -> int:
+    """'300MB' -> bytes (K, M, G with or without B / iB are powers of 1024; bare: bytes)."""
+    import re
+
+    from .errors import RuntimeInputError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise RuntimeInputError(f"cannot read the size {text!r}; write e.g. 300MB or 2GB")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2].lower()]
+    return int(float(match[1]) * scale)
 
 
 def _bench(args) -> int:

@@ -206,6 +206,10 @@ class ExportSpec(Section):
             raise ValueError("compile builds CPU kernels from the CPU-traced program: target cpu")
         if self.format == "pt2" and self.moe_op != "auto":
             raise ValueError("moe_op chooses the ONNX lowering; pt2 programs keep recast's op")
+        if self.offload and (self.format != "onnx" or self.quantize is not None):
+            raise ValueError("offload is for fp32 onnx bundles (no quantize, no pt2)")
+        if self.offload and self.resolved_moe_op == "contrib":
+            raise ValueError("offload feeds experts one by one: it needs moe_op: gather")
         if isinstance(self.quantize, QuantizeSpec) and self.moe_op == "contrib":
             raise ValueError("per-expert bitwidths need moe_op: gather (one matmul per expert)")
         return self

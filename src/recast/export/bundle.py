@@ -63,9 +63,9 @@ def export_bundle(
         if recipe_yaml:
             (staging / "recipe.yaml").write_text(recipe_yaml)
         manifest = _manifest(model, spec, graphs, source)
+        manifest["files"] = file_records(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         manifest["parity"] = check_parity(model, staging, spec, tokenizer)
-        manifest["files"] = file_records(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -102,8 +102,15 @@ def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
         raise ExportError("export starts from fp32 weights; load the model with dtype float32")
     moe_op = spec.resolved_moe_op
     layers = moe_layers(model)
-    if spec.offload and not layers:
-        raise ExportError("offload stores experts one by one: this model has no MoE layers")
+    if spec.offload:
+        bank = layers[0].bank if layers else None
+        if pregate_network(model) is None or not is_decoder(model):
+            raise ExportError(
+                "offload needs a decoder with the pre-gating router (router.kind: pregate): "
+                "its routes, known before the backbone runs, say which experts to load"
+            )
+        if bank.up_bias is not None:
+            raise ExportError("offload supports FFNs without biases (Llama, Mistral, Qwen2)")
     if layers and spec.format == "onnx" and moe_op == "contrib":
         bank = layers[0].bank
         if not contrib_supports(bank.activation, bank.gate is not None):
@@ -123,7 +130,7 @@ def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
 
 def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec, tokenizer) -> dict:
     graphs = {}
-    for name, traceable in traceables(model).items():
+    for name, traceable in traceables(model, offload=spec.offload).items():
         quantization = compiled = None
         log.info("exporting %s graph (%s)", name, spec.format)
         file = f"{name}.{'pt2' if spec.format == 'pt2' else 'onnx'}"
@@ -253,6 +260,7 @@ def _manifest(model: nn.Module, spec: ExportSpec, graphs: dict, source: str) -> 
             "combine": info.combine,
             "router": info.router,
             "pregate": pregate_network(model) is not None,
+            "offload": spec.offload,  # experts are graph inputs, read from experts/
             "moe_op": spec.resolved_moe_op if spec.format == "onnx" else "recast::routed_experts",
             "expert_widths": info.expert_widths,
             # one (widest) expert's weights: what an expert cache loads per miss

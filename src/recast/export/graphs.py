@@ -21,6 +21,7 @@ from torch.export import Dim
 from transformers import DynamicCache
 
 from ..models.families import family_for
+from ..refactor.build import moe_layers
 from ..routers.base import Routing, combine_weights
 
 
@@ -53,17 +54,32 @@ class _Backbone(nn.Module):
         self.model = model
         self.network = pregate_network(model)
 
-    def run(self, expert_indices: Tensor | None, expert_weights: Tensor | None, **kwargs):
+    def run(
+        self,
+        expert_indices: Tensor | None,
+        expert_weights: Tensor | None,
+        experts: list[tuple[Tensor, Tensor]] | None = None,
+        **kwargs,
+    ):
+        """`experts` (offload graphs): every MoE layer's (fc1, fc2) per expert, layer-major."""
         if self.network is None:
             return self.model(**kwargs)
         k = expert_indices.shape[-1]
         self.network.given_plan = Routing(
             expert_indices.reshape(-1, k), expert_weights.reshape(-1, k)
         )
+        layers = moe_layers(self.model)
+        if experts is not None:
+            per_layer = len(experts) // len(layers)
+            for i, moe in enumerate(layers):
+                pairs = experts[i * per_layer : (i + 1) * per_layer]
+                moe.given_experts = ([fc1 for fc1, _ in pairs], [fc2 for _, fc2 in pairs])
         try:
             return self.model(**kwargs)
         finally:
             self.network.given_plan = None
+            for moe in layers:
+                moe.given_experts = None
 
 
 class EncoderGraph(_Backbone):
@@ -89,6 +105,7 @@ class DecoderGraph(_Backbone):
         expert_indices: Tensor | None,
         expert_weights: Tensor | None,
         past: list[tuple[Tensor, Tensor]],
+        experts: list[tuple[Tensor, Tensor]] | None = None,
     ):
         cache = DynamicCache(config=self.model.config)
         for layer, (key, value) in enumerate(past):
@@ -96,6 +113,7 @@ class DecoderGraph(_Backbone):
         out = self.run(
             expert_indices,
             expert_weights,
+            experts,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -150,8 +168,33 @@ def example_routing(model, batch: int, length: int, generator: torch.Generator):
     return indices, torch.ones(batch, length, network.top_k)
 
 
-def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, Traceable]:
-    """What to export for `model`: {"router": ..., "model": ...} (router for pre-gating only)."""
+def offload_inputs(model: nn.Module):
+    """(example expert tensors, their names, dynamic axes, axis names) of an offload graph:
+    per MoE layer and expert, `fc1 [H, (2 x) W]` and `fc2 [W, H]` (the expert store's layout),
+    whose widths may be 0 (an expert the batch does not use, fed as an empty placeholder)."""
+    tensors, names, dims, axis_names = [], [], [], {}
+    for moe in moe_layers(model):
+        bank = moe.bank
+        for expert in range(bank.num):
+            fc1 = bank.up[expert]
+            if bank.gate is not None:
+                fc1 = torch.cat([bank.gate[expert], fc1])
+            tensors.append((fc1.T.detach().clone(), bank.down[expert].T.detach().clone()))
+            prefix = f"experts.{moe.layer_index}.{expert}"
+            names += [f"{prefix}.fc1", f"{prefix}.fc2"]
+            width = Dim(f"width_{moe.layer_index}_{expert}", min=0)
+            dims.append(({1: 2 * width if bank.gate is not None else width}, {0: width}))
+            fc1_width = "2*width" if bank.gate is not None else "width"
+            axis_names.update({f"{prefix}.fc1": {1: fc1_width}, f"{prefix}.fc2": {0: "width"}})
+    return tensors, names, dims, axis_names
+
+
+def traceables(
+    model: nn.Module, dtype: torch.dtype = torch.float32, offload: bool = False
+) -> dict[str, Traceable]:
+    """What to export for `model`: {"router": ..., "model": ...} (router for pre-gating only).
+    `offload`: the decoder backbone takes every expert's weights as inputs instead of holding
+    them (a runtime feeds those of its expert cache)."""
     generator = torch.Generator().manual_seed(0)
     batch, length, past_length = 2, 5, 3  # sizes above 1: dims of 0/1 get specialised
     vocab = model.config.vocab_size
@@ -218,10 +261,13 @@ def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str
     positions = torch.arange(past_length, past_length + length).expand(batch, -1)
     past_names = [f"past.{i}.{kv}" for i in range(shape.layers) for kv in ("key", "value")]
     present_names = [name.replace("past.", "present.") for name in past_names]
+    experts, expert_names, expert_dims, expert_axes = (
+        offload_inputs(model) if offload else (None, [], None, {})
+    )
     out["model"] = Traceable(
         DecoderGraph(model),
-        (ids, mask, positions, indices, weights, past),
-        ["input_ids", "attention_mask", "position_ids", *routed_names, *past_names],
+        (ids, mask, positions, indices, weights, past, experts),
+        ["input_ids", "attention_mask", "position_ids", *routed_names, *past_names, *expert_names],
         ["logits", *present_names],
         {
             "input_ids": {0: b, 1: t},
@@ -230,6 +276,7 @@ def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str
             "expert_indices": routed_dims.get("expert_indices"),
             "expert_weights": routed_dims.get("expert_weights"),
             "past": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(shape.layers)],
+            "experts": expert_dims,
         },
         {
             "input_ids": NAMES,
@@ -237,6 +284,7 @@ def traceables(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str
             "position_ids": NAMES,
             **routed_axes,
             **{name: {0: "batch", 2: "past"} for name in past_names},
+            **expert_axes,
         },
     )
     return out

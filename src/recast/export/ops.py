@@ -72,6 +72,38 @@ def _(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("recast::routed_expert_list", mutates_args=())
+def routed_expert_list(
+    x: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    fc1: list[Tensor],
+    fc2: list[Tensor],
+    activation: str,
+    gated: bool,
+) -> Tensor:
+    """`routed_experts` with one `[H, (2 x) W]` / `[W, H]` weight pair per expert (offload)."""
+    act = ACT2FN[activation]
+    out = torch.zeros_like(x)
+    for expert, (first, second) in enumerate(zip(fc1, fc2, strict=True)):
+        token, slot = (indices == expert).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token] @ first
+        if gated:
+            g, u = h.chunk(2, dim=-1)
+            h = act(g) * u
+        else:
+            h = act(h)
+        out.index_add_(0, token, (h @ second) * weights[token, slot, None])
+    return out
+
+
+@routed_expert_list.register_fake
+def _(x, indices, weights, fc1, fc2, activation, gated):
+    return torch.empty_like(x)
+
+
 def _ints(*values: int, shape: tuple[int, ...] | None = None):
     if shape is None:
         return op.Constant(value_ints=list(values))
@@ -101,8 +133,9 @@ def _linear(x, weight, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
-def gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
-    experts, k = up.shape[0], indices.shape[1]
+def _routed(x, indices, weights, experts: int, expert_ffn):
+    """The gather form around `expert_ffn(expert, rows) -> [n, H]` (see the module note)."""
+    k = indices.shape[1]
     flat_experts = op.Reshape(indices, _ints(-1))  # [T * k]: the expert of each (token, slot)
     # (token, slot) positions ordered by expert, and how many each expert has
     order = op.TopK(
@@ -124,25 +157,9 @@ def gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, act
     rows = op.Gather(x, op.Div(order, op.Constant(value_int=k)), axis=0)
     # one block of rows per expert (Split cannot take both sizes and a count in onnxruntime)
     blocks = op.SplitToSequence(rows, counts, axis=0)
-    chunks = [op.SequenceAt(blocks, op.Constant(value_int=e)) for e in range(experts)]
-
-    def take(stacked, expert):
-        return None if stacked is None else op.Gather(stacked, op.Constant(value_int=expert))
-
-    outputs = []
-    for expert, chunk in enumerate(chunks):
-        if gate is None:
-            h = _onnx_activation(
-                activation, _linear(chunk, take(up, expert), take(up_bias, expert))
-            )
-        else:  # gate and up as one matmul (their weights concatenate into one constant)
-            fused = op.Concat(take(gate, expert), take(up, expert), axis=0)
-            bias = None
-            if up_bias is not None:
-                bias = op.Concat(take(gate_bias, expert), take(up_bias, expert), axis=0)
-            g, u = op.Split(_linear(chunk, fused, bias), axis=-1, num_outputs=2)
-            h = op.Mul(_onnx_activation(activation, g), u)
-        outputs.append(op.MatMul(h, op.Transpose(take(down, expert), perm=[1, 0])))
+    outputs = [
+        expert_ffn(e, op.SequenceAt(blocks, op.Constant(value_int=e))) for e in range(experts)
+    ]
     # Each (token, slot) position is written once (ScatterND's add is not safe for repeated
     # indices under threads), weighted, then each token's k slots are summed.
     shape = op.Concat(op.Mul(op.Shape(x, start=0, end=1), _ints(k)), op.Shape(x, start=1), axis=0)
@@ -150,6 +167,44 @@ def gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, act
     placed = op.ScatterND(slots, op.Unsqueeze(order, _ints(1)), op.Concat(*outputs, axis=0))
     placed = op.Mul(placed, op.Unsqueeze(op.Reshape(weights, _ints(-1)), _ints(1)))
     return op.ReduceSum(op.Reshape(placed, _ints(-1, k, x.shape[1])), _ints(1), keepdims=0)
+
+
+def _swiglu_or_act(h, activation: str, gated: bool):
+    """`act(gate) * up` of a fused [gate | up] projection, or `act(h)`."""
+    if not gated:
+        return _onnx_activation(activation, h)
+    g, u = op.Split(h, axis=-1, num_outputs=2)
+    return op.Mul(_onnx_activation(activation, g), u)
+
+
+def gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
+    def take(stacked, expert):
+        return None if stacked is None else op.Gather(stacked, op.Constant(value_int=expert))
+
+    def expert_ffn(expert, rows):
+        if gate is None:
+            fc1, bias = take(up, expert), take(up_bias, expert)
+        else:  # gate and up as one matmul (their weights concatenate into one constant)
+            fc1 = op.Concat(take(gate, expert), take(up, expert), axis=0)
+            bias = None
+            if up_bias is not None:
+                bias = op.Concat(take(gate_bias, expert), take(up_bias, expert), axis=0)
+        h = _swiglu_or_act(_linear(rows, fc1, bias), activation, gate is not None)
+        return op.MatMul(h, op.Transpose(take(down, expert), perm=[1, 0]))
+
+    return _routed(x, indices, weights, up.shape[0], expert_ffn)
+
+
+def offload_lowering(x, indices, weights, fc1, fc2, activation, gated):
+    """The gather form with each expert's weights as graph inputs (`fc1 [H, (2 x) W]`,
+    `fc2 [W, H]`, the expert store's layout): a runtime feeds the experts a batch uses from
+    its cache and one-neuron zero placeholders for the rest, which no row reaches."""
+
+    def expert_ffn(expert, rows):
+        h = _swiglu_or_act(op.MatMul(rows, fc1[expert]), activation, gated)
+        return op.MatMul(h, fc2[expert])
+
+    return _routed(x, indices, weights, len(fc1), expert_ffn)
 
 
 def _moe_schema() -> onnx.defs.OpSchema:
@@ -227,4 +282,7 @@ def contrib_supports(activation: str, gated: bool) -> bool:
 
 def translation_table(moe_op: str) -> dict:
     lowering = {"gather": gather_lowering, "contrib": contrib_lowering}[moe_op]
-    return {torch.ops.recast.routed_experts.default: lowering}
+    return {
+        torch.ops.recast.routed_experts.default: lowering,
+        torch.ops.recast.routed_expert_list.default: offload_lowering,
+    }

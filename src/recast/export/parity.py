@@ -197,7 +197,7 @@ def _check_cache(model, session, generator, tolerance, precision) -> list[dict]:
         if "router" in session.graphs:
             routed = session.route(tokens[:, start:stop], router_cache)
             router_cache = routed.pop("cache")
-            feeds.update(routed)
+            feeds.update(session.routed_inputs(routed))
         out = session.run({**feeds, **cache})
         cache = {k.replace("present.", "past."): v for k, v in out.items() if k != "logits"}
         what = f"cached step, positions {start}..{stop - 1}"

@@ -141,6 +141,7 @@ class MoEFFN(nn.Module):
         self.router = router
         self.combine = combine
         self.layer_index = layer_index
+        self.given_experts = None  # (fc1 list, fc2 list) while an offload graph is traced
 
     @property
     def num_experts(self) -> int:
@@ -201,12 +202,18 @@ class MoEFFN(nn.Module):
     def exported_routed(self, x: Tensor, routing: Routing) -> Tensor:
         """`routed` as one `recast::routed_experts` op, which each export target lowers in its
         own way (the eager loop above would bake in the experts the example tokens used)."""
-        from ..export.ops import routed_experts
+        from ..export.ops import routed_expert_list, routed_experts
 
         bank = self.bank
         weights = routing.weights
         if weights is None:
             weights = torch.ones_like(routing.indices, dtype=x.dtype)
+        if self.given_experts is not None:  # offload graphs: weights are graph inputs
+            fc1, fc2 = self.given_experts
+            gated = bank.gate is not None
+            return routed_expert_list(
+                x, routing.indices, weights.to(x.dtype), fc1, fc2, bank.activation, gated
+            )
         return routed_experts(
             x,
             routing.indices,

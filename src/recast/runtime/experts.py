@@ -57,6 +57,18 @@ class ExpertStore:
             raise OffloadError(f"the store has no expert {expert} in layer {layer}")
         return {n.split(".", 1)[1]: np.array(self.files[layer].get_tensor(n)) for n in names}
 
+    def placeholder(self) -> dict[str, np.ndarray]:
+        """A one-neuron zero expert to feed for experts a batch does not use: offload graphs
+        give such experts no rows (and onnxruntime cannot split a zero-width fc1 into gate
+        and up halves)."""
+        first = self.files[self.layers[0]]
+        hidden, fc1_width = first.get_slice("0.fc1").get_shape()
+        fused = fc1_width // first.get_slice("0.fc2").get_shape()[0]  # 2 for SwiGLU
+        return {
+            "fc1": np.zeros((hidden, fused), np.float32),
+            "fc2": np.zeros((1, hidden), np.float32),
+        }
+
     def nbytes(self, layer: int, expert: int) -> int:
         total = 0
         for name in self.names(layer, expert):

@@ -70,7 +70,7 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
         if "router" in session.graphs:  # routed ahead of the backbone, with its own cache
             routed = session.route(new, router_cache)
             router_cache = routed.pop("cache")
-            feeds.update(routed)
+            feeds.update(session.routed_inputs(routed))
         out = session.run({**feeds, **cache})
         cache = _presents_as_past(out)
         step = sampling.pick(out["logits"][:, -1])

@@ -24,6 +24,9 @@ class Session:
         device: str | None = None,
         verify: bool = True,
         threads: int | None = None,
+        cache: int | None = None,
+        memory_budget: int | None = None,
+        policy: str = "lru",
     ):
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify=verify)
@@ -35,6 +38,30 @@ class Session:
             for name, spec in self.manifest["graphs"].items()
         }
         self.tokenizer = self._tokenizer()
+        self.experts = self._expert_cache(cache, memory_budget, policy)
+
+    def _expert_cache(self, cache, memory_budget, policy):
+        """Offload bundles: the cache their experts are fed from (all of them by default)."""
+        if not (self.routing or {}).get("offload"):
+            if cache is not None or memory_budget is not None:
+                raise RuntimeInputError(
+                    "cache and memory_budget are for offload bundles (export with offload: true)"
+                )
+            return None
+        from .experts import ExpertCache, ExpertStore
+
+        store = ExpertStore(self.bundle)
+        if cache is None and memory_budget is None:
+            cache = len(store.layers) * self.routing["experts"]
+        return ExpertCache(store, cache, memory_budget, policy)
+
+    def stats(self) -> dict:
+        """Offload bundles: the expert cache's hits, misses, bytes loaded, stall time and peak
+        resident expert bytes."""
+        if self.experts is None:
+            raise RuntimeInputError("stats() are kept for offload bundles only")
+        stats = self.experts.stats
+        return {**vars(stats), "hit_rate": stats.hit_rate, "capacity": self.experts.capacity}
 
     def _open(self, spec: dict, device: str | None, threads: int | None):
         path = self.bundle / spec["file"]
@@ -51,6 +78,10 @@ class Session:
         path = self.bundle / "tokenizer.json"
         if not path.is_file():
             return None
+        if "tokenizer.json" not in self.manifest["files"]:
+            raise BundleIntegrityError(
+                f"{path} is not in the manifest (added after export?); export the bundle again"
+            )
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(path))
@@ -134,13 +165,31 @@ class Session:
             feeds["position_ids"] = positions(mask)[:, -ids.shape[1] :]
             feeds.update(self.empty_cache(ids.shape[0]))
         if "router" in self.graphs:
-            routed = self.route(ids)
-            feeds.update(
-                expert_indices=routed["expert_indices"], expert_weights=routed["expert_weights"]
-            )
+            feeds.update(self.routed_inputs(self.route(ids)))
         out = self.run(feeds)
         name = "logits" if self.kind == "decoder" else "last_hidden_state"
         return {name: out[name]}
+
+    def routed_inputs(self, routed: dict) -> dict[str, np.ndarray]:
+        """The backbone's expert inputs for a batch `route` routed: expert ids and weights and,
+        for offload bundles, the weights of the experts it uses (from the expert cache, in
+        execution order: layer by layer) with empty placeholders for the others."""
+        feeds = {
+            "expert_indices": routed["expert_indices"],
+            "expert_weights": routed["expert_weights"],
+        }
+        if self.experts is None:
+            return feeds
+        used = sorted({int(e) for e in np.unique(routed["expert_indices"])})
+        layers = self.experts.store.layers
+        self.experts.plan([(layer, e) for layer in layers for e in used])
+        empty = self.experts.store.placeholder()
+        for layer in layers:
+            for expert in range(self.routing["experts"]):
+                weights = self.experts.get(layer, expert) if expert in used else empty
+                feeds[f"experts.{layer}.{expert}.fc1"] = weights["fc1"]
+                feeds[f"experts.{layer}.{expert}.fc2"] = weights["fc2"]
+        return feeds
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The backbone's `past.*` inputs for a first (prefill) call."""
@@ -227,7 +276,15 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 
 def load(
-    bundle: str | Path, device: str | None = None, verify: bool = True, threads=None
+    bundle: str | Path,
+    device: str | None = None,
+    verify: bool = True,
+    threads: int | None = None,
+    cache: int | None = None,
+    memory_budget: int | None = None,
+    policy: str = "lru",
 ) -> Session:
-    """Open an exported bundle: checksums verified, CUDA used when present (else CPU)."""
-    return Session(bundle, device=device, verify=verify, threads=threads)
+    """Open an exported bundle: checksums verified, CUDA used when present (else CPU).
+    Offload bundles keep at most `cache` experts (or `memory_budget` bytes of them) in memory,
+    evicting by `policy` (lru, lfu, belady); all of them by default."""
+    return Session(bundle, device, verify, threads, cache, memory_budget, policy)
