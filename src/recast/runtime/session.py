@@ -18,6 +18,10 @@ from .manifest import read_manifest
 
 
 class Session:
+    """A loaded bundle. `verify` checks every file against the manifest; `threads` sets
+    onnxruntime's intra-op threads; offload bundles keep at most `cache` experts (or
+    `memory_budget` bytes of them) in memory, evicting by `policy` (lru, lfu, belady)."""
+
     def __init__(
         self,
         bundle: str | Path,
@@ -275,16 +279,8 @@ def positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
 
 
-def load(
-    bundle: str | Path,
-    device: str | None = None,
-    verify: bool = True,
-    threads: int | None = None,
-    cache: int | None = None,
-    memory_budget: int | None = None,
-    policy: str = "lru",
-) -> Session:
+def load(bundle: str | Path, device: str | None = None, **options) -> Session:
     """Open an exported bundle: checksums verified, CUDA used when present (else CPU).
-    Offload bundles keep at most `cache` experts (or `memory_budget` bytes of them) in memory,
-    evicting by `policy` (lru, lfu, belady); all of them by default."""
-    return Session(bundle, device, verify, threads, cache, memory_budget, policy)
+    `options` are `Session`'s: `verify`, `threads`, and for offload bundles `cache`,
+    `memory_budget` and `policy` (all experts cached by default)."""
+    return Session(bundle, device, **options)
