@@ -38,6 +38,7 @@ bench: setup exported/tiny-lm
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_quality.py
 	$(BIN)/python scripts/bench_export.py
+	$(BIN)/python scripts/bench_serving.py
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

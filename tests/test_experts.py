@@ -12,6 +12,7 @@ import recast.runtime
 from recast.errors import OffloadError
 from recast.refactor.build import moe_layers
 from recast.runtime.experts import ExpertCache, ExpertStore
+from recast.runtime.generate import prefill_chunks
 from recast.runtime.simulate import POLICIES, Trace, simulate, trace_from_routes
 from tiny_models import convert_tiny, token_batch
 
@@ -125,6 +126,8 @@ def test_offload_outputs_equal_resident_outputs_with_a_small_cache(
     logits = small.forward(prompt)["logits"]
     np.testing.assert_array_equal(logits, everything.forward(prompt)["logits"])  # bitwise
     np.testing.assert_allclose(logits, resident.forward(prompt)["logits"], atol=1e-5)
+    # the prompt is prefilled in chunks whose experts fit the cache (3 experts, 2 layers)
+    assert len(prefill_chunks(small, prompt)) > 1 and prefill_chunks(everything, prompt) == [6]
     stats = small.stats()
     one = ExpertStore(bundle).nbytes(0, 0)
     assert stats["misses"] > 0 and stats["capacity"] == 3

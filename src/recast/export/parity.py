@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ParityError
 from ..recipe import ExportSpec
 from ..refactor.build import moe_layers
-from ..runtime.session import Session, positions
+from ..runtime.session import Session
 
 log = logging.getLogger("recast")
 
@@ -181,33 +181,21 @@ def check_parity(model: nn.Module, bundle, spec: ExportSpec, tokenizer=None) -> 
 def _check_cache(model, session, generator, tolerance, precision) -> list[dict]:
     """Prefill 6 tokens, then decode 3 one at a time; each step's logits against the torch
     model's logits at that position of the whole sequence."""
+    from ..runtime.generate import Decoder
+
     ids, _ = _batch((2, 9), session.model_info["vocab_size"], None, generator)
     reference = model(input_ids=ids).logits.float().numpy()
     tokens = ids.numpy()
-    cache = session.empty_cache(2)
-    router_cache = None
+    decoder = Decoder(session, 2)
     cases = []
     for start, stop in [(0, 6), (6, 7), (7, 8), (8, 9)]:
-        mask = np.ones((2, stop), np.int64)
-        feeds = {
-            "input_ids": tokens[:, start:stop],
-            "attention_mask": mask,
-            "position_ids": positions(mask)[:, start:stop],
-        }
-        if "router" in session.graphs:
-            routed = session.route(tokens[:, start:stop], router_cache)
-            router_cache = routed.pop("cache")
-            feeds.update(session.routed_inputs(routed))
-        out = session.run({**feeds, **cache})
-        cache = {k.replace("present.", "past."): v for k, v in out.items() if k != "logits"}
+        logits = decoder.step(tokens[:, start:stop], np.ones((2, stop), np.int64))
         what = f"cached step, positions {start}..{stop - 1}"
-        error = _error(
-            out["logits"], reference[:, start:stop], np.ones((2, stop - start)), precision
-        )
+        error = _error(logits, reference[:, start:stop], np.ones((2, stop - start)), precision)
         cases.append({"case": what, "output": "logits", "error": error})
         if not error <= tolerance:
             raise ParityError(
-                f"bundle logits differ from the torch model by {error:.3g} ({_metric(precision)}) on "
-                f"{what}; the {precision} tolerance is {tolerance:g}: no bundle was written"
+                f"bundle logits differ from the torch model by {error:.3g} ({_metric(precision)}) "
+                f"on {what}; the {precision} tolerance is {tolerance:g}: no bundle was written"
             )
     return cases

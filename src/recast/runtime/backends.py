@@ -32,10 +32,15 @@ def providers_for(device: str | None) -> list[str]:
 
 
 class OnnxGraph:
-    def __init__(self, path: Path, device: str | None, threads: int | None = None):
+    def __init__(
+        self, path: Path, device: str | None, threads: int | None = None, arena: bool = True
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # Without the arena, memory goes back after each run instead of staying at its peak:
+        # what an offload session needs for its memory bound to hold.
+        options.enable_cpu_mem_arena = arena
         options.log_severity_level = 3  # provider fallbacks are reported by `providers`
         if threads:
             options.intra_op_num_threads = threads

@@ -3,8 +3,8 @@
 A bundle exported with `offload` keeps every routed expert's weights in
 `experts/layer_NNN.safetensors` (keys `<expert>.fc1`, `<expert>.fc2`, and `.fc1_bias` where
 the FFN has biases; `fc1` is `[hidden, (2 x) width]` — gate and up side by side for SwiGLU —
-and `fc2` `[width, hidden]`), memory-mapped, so an expert's bytes are read only when it is
-loaded. `ExpertCache` holds at most `capacity` experts, evicting by the same policy classes as
+and `fc2` `[width, hidden]`), read with pread, so an expert's bytes are read only when it is
+loaded and leave memory when the cache drops it. `ExpertCache` holds at most `capacity` experts, evicting by the same policy classes as
 the simulator (`recast.runtime.simulate`), so a live cache and a replayed trace agree on hits.
 
 This is the storage and caching half of the MoE-aware runtime (issue 5); executing the
@@ -41,7 +41,11 @@ class ExpertStore:
         if not files:
             raise OffloadError(f"{bundle} has no {STORE_DIR}/ store; export it with offload: true")
         self.files = {
-            int(path.stem.removeprefix("layer_")): safe_open(str(path), framework="numpy")
+            # pread, not mmap: mapped pages an expert load touches would stay in the
+            # process's resident memory, which is what the cache is there to bound
+            int(path.stem.removeprefix("layer_")): safe_open(
+                str(path), framework="numpy", backend="pread"
+            )
             for path in files
         }
         self.layers = sorted(self.files)

@@ -40,11 +40,57 @@ class Sampling:
         return np.take_along_axis(order, np.array(choice)[:, None], -1)[:, 0]
 
 
+class Decoder:
+    """One sequence batch's decoding state: the backbone's and the router's caches."""
+
+    def __init__(self, session, batch: int):
+        self.session = session
+        self.cache = session.empty_cache(batch)
+        self.router_cache = None
+
+    def step(self, new: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Run `new [B, n]` (the last n positions of `mask`); returns their logits."""
+        from .session import _presents_as_past, positions
+
+        feeds = {
+            "input_ids": new,
+            "attention_mask": mask,
+            "position_ids": positions(mask)[:, -new.shape[1] :],
+        }
+        if "router" in self.session.graphs:  # routed ahead of the backbone, with its own cache
+            routed = self.session.route(new, self.router_cache)
+            self.router_cache = routed.pop("cache")
+            feeds.update(self.session.routed_inputs(routed))
+        out = self.session.run({**feeds, **self.cache})
+        self.cache = _presents_as_past(out)
+        return out["logits"]
+
+
+def prefill_chunks(session, ids: np.ndarray) -> list[int]:
+    """Where to cut the prompt of an offload session so that each chunk's experts fit its
+    cache: the pre-gating router's routes are known for the whole prompt, and a chunk may use
+    at most capacity / layers distinct experts (each serves every layer). One chunk when all
+    experts are cached."""
+    if session.experts is None:
+        return [ids.shape[1]]
+    layers = len(session.experts.store.layers)
+    fits = max(1, session.experts.capacity // layers)
+    if fits >= session.routing["experts"]:
+        return [ids.shape[1]]
+    chosen = session.route(ids)["expert_indices"]  # [B, T, k]
+    cuts, used = [], set()
+    for t in range(ids.shape[1]):
+        token = {int(e) for e in np.unique(chosen[:, t])}
+        if used and len(used | token) > fits:
+            cuts.append(t)
+            used = set()
+        used |= token
+    return [*cuts, ids.shape[1]]
+
+
 def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, eos: list[int]):
     """`ids [B, T]` followed by up to `max_new_tokens` tokens per row; rows that produced an
     end-of-sequence token are padded with it while the others go on."""
-    from .session import _presents_as_past, positions
-
     if max_new_tokens < 0:
         raise RuntimeInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     total = ids.shape[1] + max_new_tokens
@@ -55,25 +101,18 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
             f"maximum of {longest} positions; shorten one of them"
         )
     batch = ids.shape[0]
+    decoder = Decoder(session, batch)
+    start = 0
+    *prefix, last = prefill_chunks(session, ids)
+    for stop in prefix:  # offload: the prompt in chunks whose experts fit the cache
+        decoder.step(ids[:, start:stop], np.ones((batch, stop), np.int64))
+        start = stop
     tokens = ids.copy()
     mask = np.ones_like(ids)
-    cache = session.empty_cache(batch)
-    router_cache = None
-    new = ids
+    new = ids[:, start:last]
     done = np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
-        feeds = {
-            "input_ids": new,
-            "attention_mask": mask,
-            "position_ids": positions(mask)[:, -new.shape[1] :],
-        }
-        if "router" in session.graphs:  # routed ahead of the backbone, with its own cache
-            routed = session.route(new, router_cache)
-            router_cache = routed.pop("cache")
-            feeds.update(session.routed_inputs(routed))
-        out = session.run({**feeds, **cache})
-        cache = _presents_as_past(out)
-        step = sampling.pick(out["logits"][:, -1])
+        step = sampling.pick(decoder.step(new, mask)[:, -1])
         if eos:
             step = np.where(done, eos[0], step)
             done |= np.isin(step, eos)

@@ -74,7 +74,10 @@ class Session:
                 return Pt2Graph(path, spec, device)
             # The router is small: one thread, so no second spinning thread pool competes
             # with the backbone's right after it.
-            return OnnxGraph(path, device, 1 if spec["file"].startswith("router") else threads)
+            offload = (self.routing or {}).get("offload", False)
+            if spec["file"].startswith("router"):
+                return OnnxGraph(path, device, 1)
+            return OnnxGraph(path, device, threads, arena=not offload)
         except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unverified damaged file
             raise BundleIntegrityError(f"{path} cannot be loaded: {exc}") from exc
 

@@ -194,12 +194,15 @@ class LFU(LRU):
         return min(cached, key=lambda item: (self.count.get(item, 0), self.last.get(item, 0)))
 
 
-class Belady:
-    """Evict the item whose next use is furthest away (never, or not yet known: furthest).
-    The access sequence comes from `extend` (a pre-gating router plans whole batches);
-    `used` must then be called for its items in order."""
+class Belady(LRU):
+    """Evict the item whose next use is furthest away. The access sequence comes from
+    `extend` (a pre-gating router plans whole batches); `used` must then be called for its
+    items in order. Items with no known next use (never again, or beyond what is planned so
+    far) go first, the least recently used of them first: with a short plan (a decode step)
+    the rule falls back to LRU instead of an arbitrary order."""
 
     def __init__(self, future: list = ()):
+        super().__init__()
         self.uses: dict = {}
         self.length = 0
         self.position = 0
@@ -211,6 +214,7 @@ class Belady:
         self.length += len(future)
 
     def used(self, item) -> None:
+        super().used(item)
         self.position += 1
 
     def next_use(self, item) -> float:
@@ -219,7 +223,7 @@ class Belady:
         return uses[i] if i < len(uses) else math.inf
 
     def victim(self, cached: set):
-        return max(cached, key=lambda item: (self.next_use(item), item))
+        return max(cached, key=lambda item: (self.next_use(item), -self.last.get(item, 0)))
 
 
 def builtin_batches(session, sequences: int = 32, length: int = 64, batch: int = 8):
