@@ -127,7 +127,8 @@ def test_offload_outputs_equal_resident_outputs_with_a_small_cache(
     np.testing.assert_array_equal(logits, everything.forward(prompt)["logits"])  # bitwise
     np.testing.assert_allclose(logits, resident.forward(prompt)["logits"], atol=1e-5)
     # the prompt is prefilled in chunks whose experts fit the cache (3 experts, 2 layers)
-    assert len(prefill_chunks(small, prompt)) > 1 and prefill_chunks(everything, prompt) == [6]
+    assert len(prefill_chunks(small, prompt)[0]) > 1
+    assert prefill_chunks(everything, prompt) == ([6], None)
     stats = small.stats()
     one = ExpertStore(bundle).nbytes(0, 0)
     assert stats["misses"] > 0 and stats["capacity"] == 3

@@ -103,13 +103,12 @@ def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
     moe_op = spec.resolved_moe_op
     layers = moe_layers(model)
     if spec.offload:
-        bank = layers[0].bank if layers else None
         if pregate_network(model) is None or not is_decoder(model):
             raise ExportError(
                 "offload needs a decoder with the pre-gating router (router.kind: pregate): "
                 "its routes, known before the backbone runs, say which experts to load"
             )
-        if bank.up_bias is not None:
+        if layers[0].bank.up_bias is not None:
             raise ExportError("offload supports FFNs without biases (Llama, Mistral, Qwen2)")
     if layers and spec.format == "onnx" and moe_op == "contrib":
         bank = layers[0].bank
@@ -246,11 +245,11 @@ def _manifest(model: nn.Module, spec: ExportSpec, graphs: dict, source: str) -> 
         }
     network = pregate_network(model)
     if network is not None:
-        key = network.empty_cache(1)[0][0]
+        router_cache = network.empty_cache(1)  # per block: (key, value) [1, heads, 0, dim]
         model_info["router_cache"] = {
-            "layers": len(network.empty_cache(1)),
-            "heads": key.shape[1],
-            "head_dim": key.shape[3],
+            "layers": len(router_cache),
+            "heads": router_cache[0][0].shape[1],
+            "head_dim": router_cache[0][0].shape[3],
         }
     routing = None
     if info is not None:

@@ -16,7 +16,6 @@ from .graphs import Traceable
 from .ops import translation_table
 
 OPSET = 18
-log = logging.getLogger("recast")
 
 
 def export_onnx(traceable: Traceable, path: Path, moe_op: str, fold: bool = True) -> Path:
@@ -24,7 +23,8 @@ def export_onnx(traceable: Traceable, path: Path, moe_op: str, fold: bool = True
     `fold=False` skips the exporter's own optimizer (constant folding), leaving each expert
     weight read as `Gather(stacked, e)`; onnxruntime optimizes the bundle either way."""
     try:
-        with _quiet():
+        # onnx_ir and onnxscript log every deduplicated initializer and skipped fold at INFO
+        with quiet("onnx_ir", "onnxscript"):
             program = torch.onnx.export(
                 traceable.module,
                 traceable.args,
@@ -61,10 +61,10 @@ def _name_axes(path: Path, traceable: Traceable) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The exporter prints its steps and many warnings; recast reports its own progress."""
-    # onnx_ir and onnxscript log every deduplicated initializer and skipped fold at INFO
-    noisy = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+def quiet(*loggers: str):
+    """Silence third-party chatter for the duration: stdout, warnings, and `loggers` below
+    ERROR (levels restored after). recast reports its own progress."""
+    noisy = [logging.getLogger(name) for name in loggers]
     levels = [logger.level for logger in noisy]
     for logger in noisy:
         logger.setLevel(logging.ERROR)

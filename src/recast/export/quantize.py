@@ -3,7 +3,6 @@ per-expert bitwidths chosen by importance under a size budget (EdgeMoE)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from ..errors import ExportError
-
-log = logging.getLogger("recast")
+from .onnx import quiet
 
 
 def router_nodes(raw: Path) -> list[str]:
@@ -36,22 +34,22 @@ def quantize_int8(source: Path, target_path: Path, keep_fp32: list[str] = ()) ->
     (activations are quantized on the fly per call: onnxruntime's DynamicQuantizeMatMul).
     `source` should be constant-folded, so that transposed and per-expert weights are
     initializers the quantizer can see."""
-    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs per-node notes
     # Shapes recorded by onnxruntime's optimizer for the expert branches (NonZero-sized)
     # conflict with onnx's re-inference; the quantizer infers them afresh.
     model = onnx.load(str(source))
     del model.graph.value_info[:]
     cleared = source.with_suffix(".noshapes.onnx")
     onnx.save(model, str(cleared), save_as_external_data=True, location=cleared.name + ".data")
-    quantize_dynamic(
-        str(cleared),
-        str(target_path),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,  # one scale per output column: outlier columns cost only themselves
-        use_external_data_format=True,
-        nodes_to_exclude=list(keep_fp32),
-    )
+    with quiet(""):  # the quantizer logs per-node notes on the root logger
+        quantize_dynamic(
+            str(cleared),
+            str(target_path),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,  # one scale per output column: outlier columns cost only themselves
+            use_external_data_format=True,
+            nodes_to_exclude=list(keep_fp32),
+        )
     return {"scheme": "int8 dynamic, per channel", "kept_fp32": len(keep_fp32)}
 
 
@@ -125,8 +123,6 @@ def quantize_experts(raw: Path, target_path: Path, model, tokenizer, budget_mb: 
     gather-form graph; weights outside the experts stay fp32. Returns the per-expert report."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-
     from ..refactor.moe import MoEFFN
     from .split_experts import SplitExpertWeights
 
@@ -164,7 +160,8 @@ def quantize_experts(raw: Path, target_path: Path, model, tokenizer, budget_mb: 
             quantizer = MatMulNBitsQuantizer(  # (nodes_to_include alone does not restrict)
                 onnx_model, bits=bits, block_size=32, is_symmetric=True, nodes_to_exclude=others
             )
-            quantizer.process()
+            with quiet("onnxruntime.quantization.matmul_nbits_quantizer"):  # a line per node
+                quantizer.process()
             onnx_model = quantizer.model.model
     onnx.save(
         onnx_model,

@@ -4,15 +4,14 @@ A bundle exported with `offload` keeps every routed expert's weights in
 `experts/layer_NNN.safetensors` (keys `<expert>.fc1`, `<expert>.fc2`, and `.fc1_bias` where
 the FFN has biases; `fc1` is `[hidden, (2 x) width]` — gate and up side by side for SwiGLU —
 and `fc2` `[width, hidden]`), read with pread, so an expert's bytes are read only when it is
-loaded and leave memory when the cache drops it. `ExpertCache` holds at most `capacity` experts, evicting by the same policy classes as
-the simulator (`recast.runtime.simulate`), so a live cache and a replayed trace agree on hits.
-
-This is the storage and caching half of the MoE-aware runtime (issue 5); executing the
-backbone with cached experts is not built yet.
+loaded and leave memory when the cache drops it. `ExpertCache` holds at most `capacity`
+experts, evicting by the same policy classes as the simulator (`recast.runtime.simulate`), so
+a live cache and a replayed trace agree on hits. `Session` feeds offload graphs from it.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ class ExpertStore:
             raise OffloadError(f"the store has no expert {expert} in layer {layer}")
         return {n.split(".", 1)[1]: np.array(self.files[layer].get_tensor(n)) for n in names}
 
+    @functools.cached_property
     def placeholder(self) -> dict[str, np.ndarray]:
         """A one-neuron zero expert to feed for experts a batch does not use: offload graphs
         give such experts no rows (and onnxruntime cannot split a zero-width fc1 into gate
@@ -122,8 +122,8 @@ class ExpertCache:
                 )
         elif capacity < 1:
             raise OffloadError(f"cache capacity must be at least 1 expert, got {capacity}")
-        self.store, self.capacity, self.policy_name = store, capacity, policy
-        self.policy = Belady() if policy == "belady" else make_policy(policy)
+        self.store, self.capacity = store, capacity
+        self.policy = make_policy(policy)
         self.resident: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.stats = CacheStats()
 

@@ -48,8 +48,10 @@ class Decoder:
         self.cache = session.empty_cache(batch)
         self.router_cache = None
 
-    def step(self, new: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run `new [B, n]` (the last n positions of `mask`); returns their logits."""
+    def step(self, new: np.ndarray, mask: np.ndarray, routed: dict | None = None) -> np.ndarray:
+        """Run `new [B, n]` (the last n positions of `mask`); returns their logits. `routed`:
+        the router's choice for `new` when it is already known (the router cache must then
+        cover `new` already)."""
         from .session import _presents_as_past, positions
 
         feeds = {
@@ -58,26 +60,29 @@ class Decoder:
             "position_ids": positions(mask)[:, -new.shape[1] :],
         }
         if "router" in self.session.graphs:  # routed ahead of the backbone, with its own cache
-            routed = self.session.route(new, self.router_cache)
-            self.router_cache = routed.pop("cache")
+            if routed is None:
+                routed = self.session.route(new, self.router_cache)
+                self.router_cache = routed["cache"]
             feeds.update(self.session.routed_inputs(routed))
         out = self.session.run({**feeds, **self.cache})
         self.cache = _presents_as_past(out)
         return out["logits"]
 
 
-def prefill_chunks(session, ids: np.ndarray) -> list[int]:
+def prefill_chunks(session, ids: np.ndarray) -> tuple[list[int], dict | None]:
     """Where to cut the prompt of an offload session so that each chunk's experts fit its
     cache: the pre-gating router's routes are known for the whole prompt, and a chunk may use
-    at most capacity / layers distinct experts (each serves every layer). One chunk when all
-    experts are cached."""
+    at most capacity / layers distinct experts (each serves every layer). Returns the cut
+    points (one chunk when all experts are cached) and the prompt's routing when it was
+    computed to find them, for the chunks to reuse."""
     if session.experts is None:
-        return [ids.shape[1]]
+        return [ids.shape[1]], None
     layers = len(session.experts.store.layers)
     fits = max(1, session.experts.capacity // layers)
     if fits >= session.routing["experts"]:
-        return [ids.shape[1]]
-    chosen = session.route(ids)["expert_indices"]  # [B, T, k]
+        return [ids.shape[1]], None
+    routed = session.route(ids)
+    chosen = routed["expert_indices"]  # [B, T, k]
     cuts, used = [], set()
     for t in range(ids.shape[1]):
         token = {int(e) for e in np.unique(chosen[:, t])}
@@ -85,7 +90,7 @@ def prefill_chunks(session, ids: np.ndarray) -> list[int]:
             cuts.append(t)
             used = set()
         used |= token
-    return [*cuts, ids.shape[1]]
+    return [*cuts, ids.shape[1]], routed
 
 
 def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, eos: list[int]):
@@ -100,25 +105,32 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
             f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"maximum of {longest} positions; shorten one of them"
         )
+    tokens = ids.copy()
+    if max_new_tokens == 0:
+        return tokens
     batch = ids.shape[0]
     decoder = Decoder(session, batch)
+    cuts, routed = prefill_chunks(session, ids)
+    if routed is not None:  # the whole prompt is routed already: its chunks reuse that
+        decoder.router_cache = routed["cache"]
     start = 0
-    *prefix, last = prefill_chunks(session, ids)
-    for stop in prefix:  # offload: the prompt in chunks whose experts fit the cache
-        decoder.step(ids[:, start:stop], np.ones((batch, stop), np.int64))
+    for stop in cuts:  # offload: the prompt in chunks whose experts fit the cache
+        chunk = None
+        if routed is not None:
+            chunk = {k: routed[k][:, start:stop] for k in ("expert_indices", "expert_weights")}
+        logits = decoder.step(ids[:, start:stop], np.ones((batch, stop), np.int64), chunk)
         start = stop
-    tokens = ids.copy()
     mask = np.ones_like(ids)
-    new = ids[:, start:last]
     done = np.zeros(batch, dtype=bool)
-    for _ in range(max_new_tokens):
-        step = sampling.pick(decoder.step(new, mask)[:, -1])
+    for i in range(max_new_tokens):
+        step = sampling.pick(logits[:, -1])
         if eos:
             step = np.where(done, eos[0], step)
             done |= np.isin(step, eos)
         new = step[:, None].astype(np.int64)
         tokens = np.concatenate([tokens, new], axis=1)
         mask = np.concatenate([mask, np.ones_like(new)], axis=1)
-        if done.all():
+        if done.all() or i == max_new_tokens - 1:
             break
+        logits = decoder.step(new, mask)
     return tokens

@@ -72,11 +72,11 @@ class Session:
         try:
             if self.manifest["artifact"] == "pt2":
                 return Pt2Graph(path, spec, device)
-            # The router is small: one thread, so no second spinning thread pool competes
-            # with the backbone's right after it.
-            offload = (self.routing or {}).get("offload", False)
             if spec["file"].startswith("router"):
+                # small: one thread, so no second spinning thread pool competes with the
+                # backbone's right after it
                 return OnnxGraph(path, device, 1)
+            offload = (self.routing or {}).get("offload", False)
             return OnnxGraph(path, device, threads, arena=not offload)
         except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unverified damaged file
             raise BundleIntegrityError(f"{path} cannot be loaded: {exc}") from exc
@@ -187,10 +187,10 @@ class Session:
         }
         if self.experts is None:
             return feeds
-        used = sorted({int(e) for e in np.unique(routed["expert_indices"])})
+        used = {int(e) for e in np.unique(routed["expert_indices"])}
         layers = self.experts.store.layers
-        self.experts.plan([(layer, e) for layer in layers for e in used])
-        empty = self.experts.store.placeholder()
+        self.experts.plan([(layer, e) for layer in layers for e in sorted(used)])
+        empty = self.experts.store.placeholder
         for layer in layers:
             for expert in range(self.routing["experts"]):
                 weights = self.experts.get(layer, expert) if expert in used else empty
@@ -211,7 +211,7 @@ class Session:
             for kv in ("key", "value")
         }
 
-    def encode(self, texts: list[str], pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask (right padded) for `texts` with the bundle tokenizer."""
         if self.tokenizer is None:
             raise RuntimeInputError("this bundle has no tokenizer.json; pass token ids instead")

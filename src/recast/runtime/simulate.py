@@ -152,13 +152,12 @@ def simulate(trace: Trace, policy: str, capacity: int) -> CacheResult:
     return result
 
 
-def make_policy(policy: str, future: list | None = None):
-    """An eviction policy; `belady` needs the access sequence to come (`future`)."""
+def make_policy(policy: str, future: list = ()):
+    """An eviction policy; `belady` starts from the accesses known to come (`future`; more
+    can be announced later with `extend`)."""
     if policy not in POLICIES:
         raise TraceError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if policy == "belady":
-        if future is None:
-            raise TraceError("policy 'belady' needs the future accesses (a pre-gating plan)")
         return Belady(future)
     return {"lru": LRU, "lfu": LFU}[policy]()
 
