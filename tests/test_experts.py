@@ -162,3 +162,11 @@ def test_run_command_with_an_expert_budget(tmp_path, capsys):
     assert cache["capacity"] == 2 and cache["misses"] > 0
     assert main([*args, "--memory-budget", "lots"]) == 2
     assert "cannot read the size 'lots'" in capsys.readouterr().err
+    out = tmp_path / "cli"
+    assert main(["export", str(bundle.parent / "missing"), "--out", str(out), "--offload"]) == 2
+    capsys.readouterr()
+    layer_dir = tmp_path / "layer-moe"
+    recast.save(convert_tiny("llama", "uniform", "layer")[1], layer_dir)
+    assert main(["export", str(layer_dir), "--out", str(out), "--offload", "--quiet"]) == 2
+    assert "offload needs a decoder with the pre-gating router" in capsys.readouterr().err
+    assert not out.exists()

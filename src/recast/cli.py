@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="how MoE layers lower to ONNX (auto: gather on cpu, contrib on cuda)",
     )
     export.add_argument("--compile", action="store_true", help="pt2: add an AOTInductor package")
+    export.add_argument(
+        "--offload",
+        action="store_true",
+        help="experts outside the graph, fed from a bounded cache (pre-gating decoders)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     export.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
     export.add_argument("--quiet", action="store_true", help="no stage messages")
@@ -262,6 +267,7 @@ def _export(args) -> int:
         quantize=_quantize_setting(args),
         moe_op=args.moe_op,
         compile=args.compile,
+        offload=args.offload,
     )
     out = export(
         args.model, args.out, spec, overwrite=args.overwrite, trust_pickle=args.trust_pickle
