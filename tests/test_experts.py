@@ -13,6 +13,7 @@ from recast.errors import OffloadError
 from recast.refactor.build import moe_layers
 from recast.runtime.experts import ExpertCache, ExpertStore
 from recast.runtime.generate import prefill_chunks
+from recast.runtime.profile import weight_bytes
 from recast.runtime.simulate import POLICIES, Trace, simulate, trace_from_routes
 from tiny_models import convert_tiny, token_batch
 
@@ -40,6 +41,10 @@ def test_store_holds_each_experts_weights(offload_bundle):
             )
     manifest = recast.runtime.load(bundle).manifest
     assert "experts/layer_000.safetensors" in manifest["files"]  # checksummed like the rest
+    # views of the mapped file, not copies; released experts read the same bytes again
+    assert not weights["fc1"].flags.owndata and not weights["fc1"].flags.writeable
+    store.release(layer.layer_index, expert)
+    np.testing.assert_array_equal(weights["fc2"], bank.down[expert].T.detach().numpy())
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -50,8 +55,10 @@ def test_live_cache_agrees_with_the_simulator(offload_bundle, policy, capacity):
     trace = trace_from_routes(session, [token_batch(2, 9, seed=s).numpy() for s in (1, 2)])
     cache = ExpertCache(ExpertStore(bundle), capacity=capacity, policy=policy)
     cache.plan(trace.accesses())  # a pre-gating runtime knows the routes ahead
-    for layer, expert in trace.accesses():
-        cache.get(layer, expert)
+    for step in trace.step_accesses():
+        cache.pin(step)
+        for layer, expert in step:
+            cache.get(layer, expert)
     expected = simulate(trace, policy, capacity)
     assert (cache.stats.hits, cache.stats.misses) == (expected.hits, expected.misses)
     one = ExpertStore(bundle).nbytes(0, 0)
@@ -109,15 +116,18 @@ def test_offload_graph_holds_no_expert_weights(offload_bundle, resident_bundle):
     )  # the experts' bytes moved out of the graph into the store
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "policy, reading",
+    [(p, {}) for p in POLICIES] + [("lru", {"prefetch": False}), ("belady", {"cold": True})],
+)
 def test_offload_outputs_equal_resident_outputs_with_a_small_cache(
-    offload_bundle, resident_bundle, policy
+    offload_bundle, resident_bundle, policy, reading
 ):
     moe, bundle = offload_bundle
     prompt = token_batch(2, 6, seed=4).numpy()
     resident = recast.runtime.load(resident_bundle, device="cpu")
     everything = recast.runtime.load(bundle, device="cpu")  # all experts cached
-    small = recast.runtime.load(bundle, device="cpu", cache=3, policy=policy)
+    small = recast.runtime.load(bundle, device="cpu", cache=3, policy=policy, **reading)
     tokens = small.generate(prompt, max_new_tokens=10)
     np.testing.assert_array_equal(tokens, resident.generate(prompt, max_new_tokens=10))
     with torch.no_grad():
@@ -134,6 +144,7 @@ def test_offload_outputs_equal_resident_outputs_with_a_small_cache(
     assert stats["misses"] > 0 and stats["capacity"] == 3
     assert stats["peak_resident_bytes"] <= 3 * one
     assert stats["bytes_loaded"] == stats["misses"] * one
+    assert (stats["prefetched"] > 0) == reading.get("prefetch", True)
 
 
 def test_offload_refusals(tmp_path, resident_bundle):
@@ -144,6 +155,10 @@ def test_offload_refusals(tmp_path, resident_bundle):
         recast.export(layer_moe, tmp_path / "y", {"offload": True, "quantize": "int8"})
     with pytest.raises(recast.errors.RuntimeInputError, match="for offload bundles"):
         recast.runtime.load(resident_bundle, cache=2)
+    with pytest.raises(recast.errors.RuntimeInputError, match="needs an offload bundle"):
+        recast.runtime.load(resident_bundle, experts="offload")
+    with pytest.raises(recast.errors.RuntimeInputError, match="'offload' or 'resident'"):
+        recast.runtime.load(resident_bundle, experts="disk")
     assert not list(tmp_path.iterdir())
 
 
@@ -155,13 +170,16 @@ def test_run_command_with_an_expert_budget(tmp_path, capsys):
     _, moe, _ = convert_tiny("llama", "uniform", "pregate", combine="softmax")
     bundle = recast.export(moe, tmp_path / "b", {"offload": True}, tokenizer=tiny_tokenizer())
     one = ExpertStore(bundle).nbytes(0, 0)
-    budget = f"{2 * one / 1024:.3f}KB"  # room for two experts
+    resident, _ = weight_bytes(recast.runtime.load(bundle).manifest)
+    budget = f"{(resident + 2.5 * one) / 1024:.3f}KB"  # the resident weights and two experts
     args = ["run", str(bundle), "--prompt", "def f", "--max-new-tokens", "4"]
     assert main([*args, "--memory-budget", budget, "--policy", "belady", "--json"]) == 0
     cache = json.loads(capsys.readouterr().out)["expert_cache"]
     assert cache["capacity"] == 2 and cache["misses"] > 0
     assert main([*args, "--memory-budget", "lots"]) == 2
     assert "cannot read the size 'lots'" in capsys.readouterr().err
+    assert main([*args, "--memory-budget", f"{resident}"]) == 2
+    assert "does not hold the resident weights" in capsys.readouterr().err
     out = tmp_path / "cli"
     assert main(["export", str(bundle.parent / "missing"), "--out", str(out), "--offload"]) == 2
     capsys.readouterr()
@@ -170,3 +188,40 @@ def test_run_command_with_an_expert_budget(tmp_path, capsys):
     assert main(["export", str(layer_dir), "--out", str(out), "--offload", "--quiet"]) == 2
     assert "offload needs a decoder with the pre-gating router" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resident_mode_and_the_planned_prompt(offload_bundle):
+    """experts="resident" caches every expert whatever cache says; a prompt's chunks are all
+    planned before the first runs, so Belady misses no more than LRU on the same prompt."""
+    _, bundle = offload_bundle
+    session = recast.runtime.load(bundle, experts="resident", cache=1)
+    assert session.experts.capacity == len(session.experts.store.layers) * 4
+    prompt = token_batch(1, 24, seed=7).numpy()
+    misses = {}
+    for policy in ("lru", "belady"):
+        small = recast.runtime.load(bundle, cache=3, policy=policy)
+        small.generate(prompt, max_new_tokens=1)
+        misses[policy] = small.stats()["misses"]
+    assert misses["belady"] <= misses["lru"]
+
+
+def test_profile_is_measured_and_printed(offload_bundle, capsys):
+    from recast.cli import main
+
+    _, bundle = offload_bundle
+    manifest = recast.runtime.load(bundle).manifest
+    profile = manifest["profile"]
+    resident, experts = weight_bytes(manifest)
+    assert (
+        profile["resident_weight_bytes"] == resident and experts == profile["expert_weight_bytes"]
+    )
+    assert experts == sum(p.stat().st_size for p in (bundle / "experts").iterdir())
+    assert [(c["batch"], c["length"]) for c in profile["cases"]][0] == (1, 16)
+    for case in profile["cases"]:
+        assert case["prefill_ms"] > 0 and case["decode_step_ms"] > 0
+        kv = profile["kv_bytes_per_token"] * case["batch"] * (case["length"] + 1)
+        outputs = profile["output_bytes_per_token"] * case["batch"] * case["length"]
+        assert case["memory_bytes"] == resident + experts + kv + outputs
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "decode step ms" in out and "ms/token" in out

@@ -42,6 +42,13 @@ def test_lfu_keeps_the_frequent_expert_where_lru_drops_it():
     assert simulate(trace, "lfu", 2).hits == 3  # 0 (three uses) stays
 
 
+def test_a_running_steps_experts_are_not_evicted():
+    """Step 3 needs 1 and 2 with room for two: LFU would drop 1 (used once) for 2 mid-step;
+    the step's experts go to one graph call together, so 0 leaves instead and 1 still hits."""
+    trace = Trace(layers=1, experts=4, steps=[[[0]], [[0]], [[1, 2]], [[1]]])
+    assert simulate(trace, "lfu", 2).order == [False, True, False, False, True]
+
+
 def test_a_step_needs_each_layer_expert_once():
     trace = Trace(layers=2, experts=4, steps=[[[1, 1, 2], [3]], [[2], [3, 0]]])
     assert trace.accesses() == [(0, 1), (0, 2), (1, 3), (0, 2), (1, 0), (1, 3)]

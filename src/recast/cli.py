@@ -143,13 +143,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--memory-budget",
         metavar="SIZE",
-        help="offload bundles: expert memory, e.g. 300MB (units KB, MB, GB: powers of 1024)",
+        help="offload bundles: memory for the model, e.g. 300MB (KB, MB, GB: powers of 1024); "
+        "what the resident weights leave sets how many experts stay cached",
     )
     run.add_argument(
         "--policy",
         choices=["lru", "lfu", "belady"],
         default="lru",
         help="offload bundles: expert eviction policy",
+    )
+    run.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="offload bundles: read each missed expert when it is needed, not ahead",
     )
     run.add_argument("--json", action="store_true", help="print JSON")
 
@@ -298,9 +304,13 @@ def _quantize_setting(args):
 def _run(args) -> int:
     from .runtime import load
 
-    budget = None if args.memory_budget is None else parse_size(args.memory_budget)
     session = load(
-        args.bundle, device=args.device, cache=args.cache, memory_budget=budget, policy=args.policy
+        args.bundle,
+        device=args.device,
+        cache=args.cache,
+        memory_budget=args.memory_budget,
+        policy=args.policy,
+        prefetch=not args.no_prefetch,
     )
     if args.prompt is not None:
         text = session.generate(
@@ -334,19 +344,6 @@ def _run(args) -> int:
         if len(args.text) > 1:
             print("cosine similarities:\n" + str(np.round(vectors @ vectors.T, 3)))
     return 0
-
-
-def parse_size(text: str) -> int:
-    """'300MB' -> bytes (K, M, G with or without B / iB are powers of 1024; bare: bytes)."""
-    import re
-
-    from .errors import RuntimeInputError
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if match is None:
-        raise RuntimeInputError(f"cannot read the size {text!r}; write e.g. 300MB or 2GB")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2].lower()]
-    return int(float(match[1]) * scale)
 
 
 def _bench(args) -> int:

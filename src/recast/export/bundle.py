@@ -2,7 +2,8 @@
 
     exported/NAME/
       manifest.json        format and recast versions, kind, files (sha256, size), inputs and
-                           outputs with dtypes and dynamic axes, routing, target, parity record
+                           outputs with dtypes and dynamic axes, routing, target, parity record,
+                           resource profile (latency and memory against batch and length)
       model.onnx(.data)    the backbone (decoders: with past key/values in and out)
       router.onnx(.data)   pre-gating models: token ids -> expert ids and weights
       tokenizer.json ...   the source model's tokenizer
@@ -30,6 +31,8 @@ from ..recipe import ExportSpec, QuantizeSpec
 from ..refactor.build import moe_layers
 from ..runtime.experts import store_file
 from ..runtime.manifest import BUNDLE_FORMAT_VERSION, MANIFEST, file_records
+from ..runtime.profile import measure_profile
+from ..runtime.session import Session
 from .graphs import cache_shape, is_decoder, pregate_network, traceables
 from .ops import contrib_supports
 from .parity import check_parity
@@ -66,6 +69,9 @@ def export_bundle(
         manifest["files"] = file_records(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         manifest["parity"] = check_parity(model, staging, spec, tokenizer)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        session = Session(staging, device=spec.target, verify=False)
+        manifest["profile"] = measure_profile(session)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 

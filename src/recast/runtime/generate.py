@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,10 +49,17 @@ class Decoder:
         self.cache = session.empty_cache(batch)
         self.router_cache = None
 
-    def step(self, new: np.ndarray, mask: np.ndarray, routed: dict | None = None) -> np.ndarray:
+    def step(
+        self,
+        new: np.ndarray,
+        mask: np.ndarray,
+        routed: dict | None = None,
+        upcoming: dict | None = None,
+    ) -> np.ndarray:
         """Run `new [B, n]` (the last n positions of `mask`); returns their logits. `routed`:
-        the router's choice for `new` when it is already known (the router cache must then
-        cover `new` already)."""
+        the router's choice for `new` when it is known ahead (the router cache must then cover
+        `new`, and its expert accesses be planned already); `upcoming`: the routing of the
+        step after this one, whose experts are read ahead while this one computes."""
         from .session import _presents_as_past, positions
 
         feeds = {
@@ -60,10 +68,13 @@ class Decoder:
             "position_ids": positions(mask)[:, -new.shape[1] :],
         }
         if "router" in self.session.graphs:  # routed ahead of the backbone, with its own cache
-            if routed is None:
+            planned = routed is not None
+            if not planned:
                 routed = self.session.route(new, self.router_cache)
                 self.router_cache = routed["cache"]
-            feeds.update(self.session.routed_inputs(routed))
+            feeds.update(self.session.routed_inputs(routed, planned))
+            if upcoming is not None:
+                self.session.experts.prefetch(self.session.expert_accesses(upcoming))
         out = self.session.run({**feeds, **self.cache})
         self.cache = _presents_as_past(out)
         return out["logits"]
@@ -95,7 +106,8 @@ def prefill_chunks(session, ids: np.ndarray) -> tuple[list[int], dict | None]:
 
 def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, eos: list[int]):
     """`ids [B, T]` followed by up to `max_new_tokens` tokens per row; rows that produced an
-    end-of-sequence token are padded with it while the others go on."""
+    end-of-sequence token are padded with it while the others go on. Sets `session.timings`:
+    the prefill's seconds and the decode steps' count and seconds."""
     if max_new_tokens < 0:
         raise RuntimeInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     total = ids.shape[1] + max_new_tokens
@@ -109,19 +121,31 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
     if max_new_tokens == 0:
         return tokens
     batch = ids.shape[0]
+    started = time.perf_counter()
     decoder = Decoder(session, batch)
     cuts, routed = prefill_chunks(session, ids)
-    if routed is not None:  # the whole prompt is routed already: its chunks reuse that
+    if routed is None:
+        logits = decoder.step(ids, np.ones_like(ids))
+    else:  # offload: the prompt in chunks whose experts fit the cache, routed once
         decoder.router_cache = routed["cache"]
-    start = 0
-    for stop in cuts:  # offload: the prompt in chunks whose experts fit the cache
-        chunk = None
-        if routed is not None:
-            chunk = {k: routed[k][:, start:stop] for k in ("expert_indices", "expert_weights")}
-        logits = decoder.step(ids[:, start:stop], np.ones((batch, stop), np.int64), chunk)
-        start = stop
+        chunks = [
+            {k: routed[k][:, start:stop] for k in ("expert_indices", "expert_weights")}
+            for start, stop in zip([0, *cuts], cuts, strict=False)
+        ]
+        for chunk in chunks:  # the whole prompt's accesses are known: Belady plans with them
+            session.experts.plan(session.expert_accesses(chunk))
+        for i, stop in enumerate(cuts):
+            start, upcoming = stop - chunks[i]["expert_indices"].shape[1], chunks[i + 1 : i + 2]
+            logits = decoder.step(
+                ids[:, start:stop],
+                np.ones((batch, stop), np.int64),
+                chunks[i],
+                upcoming[0] if upcoming else None,
+            )
+    prefilled = time.perf_counter()
     mask = np.ones_like(ids)
     done = np.zeros(batch, dtype=bool)
+    steps = 0
     for i in range(max_new_tokens):
         step = sampling.pick(logits[:, -1])
         if eos:
@@ -133,4 +157,10 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
         if done.all() or i == max_new_tokens - 1:
             break
         logits = decoder.step(new, mask)
+        steps += 1
+    session.timings = {
+        "prefill_seconds": prefilled - started,
+        "decode_seconds": time.perf_counter() - prefilled,
+        "decode_steps": steps,
+    }
     return tokens

@@ -99,4 +99,8 @@ def summary(bundle: Path, manifest: dict) -> str:
     )
     if parity.get("experts_never_chosen"):
         lines.append(f"  never chosen    {parity['experts_never_chosen']} (layer, expert)")
+    if manifest.get("profile"):
+        from .profile import describe
+
+        lines.extend(describe(manifest["profile"]))
     return "\n".join(lines)

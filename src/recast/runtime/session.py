@@ -19,8 +19,12 @@ from .manifest import read_manifest
 
 class Session:
     """A loaded bundle. `verify` checks every file against the manifest; `threads` sets
-    onnxruntime's intra-op threads; offload bundles keep at most `cache` experts (or
-    `memory_budget` bytes of them) in memory, evicting by `policy` (lru, lfu, belady)."""
+    onnxruntime's intra-op threads. Offload bundles (`experts="offload"`, their default) keep
+    at most `cache` experts in memory, or as many as `memory_budget` leaves room for (bytes,
+    or a size such as "300MB", for the whole model: the resident weights are taken off it),
+    evicting by `policy` (lru, lfu, belady) and reading experts ahead when `prefetch`;
+    `cold` drops evicted experts from the OS page cache too (a miss then reads storage).
+    `experts="resident"` keeps all of an offload bundle's experts in memory."""
 
     def __init__(
         self,
@@ -29,8 +33,11 @@ class Session:
         verify: bool = True,
         threads: int | None = None,
         cache: int | None = None,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         policy: str = "lru",
+        prefetch: bool = True,
+        cold: bool = False,
+        experts: str | None = None,
     ):
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify=verify)
@@ -42,22 +49,36 @@ class Session:
             for name, spec in self.manifest["graphs"].items()
         }
         self.tokenizer = self._tokenizer()
-        self.experts = self._expert_cache(cache, memory_budget, policy)
+        self.timings: dict = {}  # the last generate's prefill and decode seconds
+        offload = (self.routing or {}).get("offload", False)
+        if experts not in (None, "offload", "resident"):
+            raise RuntimeInputError(f"experts must be 'offload' or 'resident', got {experts!r}")
+        if experts == "offload" and not offload:
+            raise RuntimeInputError(
+                "experts='offload' needs an offload bundle; export it with offload: true"
+            )
+        if offload:
+            everything = experts == "resident" or (cache is None and memory_budget is None)
+            options = {"prefetch": prefetch, "policy": policy, "cold": cold}
+            self.experts = self._expert_cache(None if everything else cache, memory_budget, options)
+        elif cache is not None or memory_budget is not None:
+            raise RuntimeInputError(
+                "cache and memory_budget are for offload bundles (export with offload: true)"
+            )
+        else:
+            self.experts = None
 
-    def _expert_cache(self, cache, memory_budget, policy):
-        """Offload bundles: the cache their experts are fed from (all of them by default)."""
-        if not (self.routing or {}).get("offload"):
-            if cache is not None or memory_budget is not None:
-                raise RuntimeInputError(
-                    "cache and memory_budget are for offload bundles (export with offload: true)"
-                )
-            return None
+    def _expert_cache(self, cache, memory_budget, options):
+        """The cache an offload bundle's experts are fed from: `cache` experts, as many as
+        fit in what `memory_budget` leaves after the resident weights, or all of them."""
         from .experts import ExpertCache, ExpertStore
+        from .profile import expert_budget
 
-        store = ExpertStore(self.bundle)
+        store = ExpertStore(self.bundle, cold=options.pop("cold"))
         if cache is None and memory_budget is None:
             cache = len(store.layers) * self.routing["experts"]
-        return ExpertCache(store, cache, memory_budget, policy)
+        budget = None if memory_budget is None else expert_budget(self.manifest, memory_budget)
+        return ExpertCache(store, cache, budget, **options)
 
     def stats(self) -> dict:
         """Offload bundles: the expert cache's hits, misses, bytes loaded, stall time and peak
@@ -177,26 +198,37 @@ class Session:
         name = "logits" if self.kind == "decoder" else "last_hidden_state"
         return {name: out[name]}
 
-    def routed_inputs(self, routed: dict) -> dict[str, np.ndarray]:
+    def routed_inputs(self, routed: dict, planned: bool = False) -> dict[str, np.ndarray]:
         """The backbone's expert inputs for a batch `route` routed: expert ids and weights and,
         for offload bundles, the weights of the experts it uses (from the expert cache, in
-        execution order: layer by layer) with empty placeholders for the others."""
+        execution order: layer by layer) with empty placeholders for the others. The batch's
+        accesses are announced to the cache first (unless `planned` already) and its misses
+        read ahead together."""
         feeds = {
             "expert_indices": routed["expert_indices"],
             "expert_weights": routed["expert_weights"],
         }
         if self.experts is None:
             return feeds
-        used = {int(e) for e in np.unique(routed["expert_indices"])}
-        layers = self.experts.store.layers
-        self.experts.plan([(layer, e) for layer in layers for e in sorted(used)])
+        accesses = self.expert_accesses(routed)
+        if not planned:
+            self.experts.plan(accesses)
+        self.experts.pin(accesses)
+        self.experts.prefetch(accesses)
+        used = {expert for _, expert in accesses}
         empty = self.experts.store.placeholder
-        for layer in layers:
+        for layer in self.experts.store.layers:
             for expert in range(self.routing["experts"]):
                 weights = self.experts.get(layer, expert) if expert in used else empty
                 feeds[f"experts.{layer}.{expert}.fc1"] = weights["fc1"]
                 feeds[f"experts.{layer}.{expert}.fc2"] = weights["fc2"]
         return feeds
+
+    def expert_accesses(self, routed: dict) -> list[tuple[int, int]]:
+        """Offload bundles: the (layer, expert) loads a routed batch makes, in execution order
+        (the pre-gating router's experts serve every layer)."""
+        used = sorted({int(e) for e in np.unique(routed["expert_indices"])})
+        return [(layer, e) for layer in self.experts.store.layers for e in used]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The backbone's `past.*` inputs for a first (prefill) call."""
@@ -284,6 +316,6 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 def load(bundle: str | Path, device: str | None = None, **options) -> Session:
     """Open an exported bundle: checksums verified, CUDA used when present (else CPU).
-    `options` are `Session`'s: `verify`, `threads`, and for offload bundles `cache`,
-    `memory_budget` and `policy` (all experts cached by default)."""
+    `options` are `Session`'s: `verify`, `threads`, and for offload bundles `experts`,
+    `cache`, `memory_budget`, `policy`, `prefetch` and `cold` (all experts cached by default)."""
     return Session(bundle, device, **options)

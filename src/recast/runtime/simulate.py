@@ -3,7 +3,8 @@
 A trace is the sequence of forward steps a runtime ran, and for each step and MoE layer the
 experts its tokens used. Executing a step visits layers in order and needs each of that layer's
 experts once, so the access stream is, step by step and layer by layer, the (layer, expert)
-pairs used. A cache holds `capacity` experts (any layer's); a miss loads one expert.
+pairs used. A cache holds `capacity` experts (any layer's); a miss loads one expert; a step's
+experts are not evicted while it runs (they are fed to one graph call together).
 
 Policies: `lru` (evict the least recently used), `lfu` (the least frequently used so far,
 ties to the least recent) and `belady` (the one whose next use is furthest away, or never:
@@ -46,14 +47,16 @@ class Trace:
     expert_bytes: int | None = None
     source: str = ""
 
+    def step_accesses(self) -> list[list[tuple[int, int]]]:
+        """Each step's (layer, expert) accesses, layer by layer."""
+        return [
+            [(layer, expert) for layer, used in enumerate(step) for expert in sorted(set(used))]
+            for step in self.steps
+        ]
+
     def accesses(self) -> list[tuple[int, int]]:
         """The (layer, expert) access stream, step by step and layer by layer."""
-        return [
-            (layer, expert)
-            for step in self.steps
-            for layer, used in enumerate(step)
-            for expert in sorted(set(used))
-        ]
+        return [item for step in self.step_accesses() for item in step]
 
     def unique_per_step(self) -> float:
         """Mean distinct experts a step needs, summed over layers."""
@@ -134,22 +137,30 @@ def simulate(trace: Trace, policy: str, capacity: int) -> CacheResult:
     classes the runtime's expert cache uses)."""
     if capacity < 1:
         raise TraceError(f"cache capacity must be at least 1 expert, got {capacity}")
-    accesses = trace.accesses()
-    chooser = make_policy(policy, accesses)
+    chooser = make_policy(policy, trace.accesses())
     cached: set = set()
     hits = []
-    for item in accesses:
-        hit = item in cached
-        hits.append(hit)
-        if not hit:
-            while len(cached) >= capacity:
-                cached.remove(chooser.victim(cached))
-            cached.add(item)
-        chooser.used(item)
+    for step in trace.step_accesses():
+        pinned = set(step)
+        for item in step:
+            hit = item in cached
+            hits.append(hit)
+            if not hit:
+                while len(cached) >= capacity:
+                    cached.remove(choose_victim(chooser, cached, pinned))
+                cached.add(item)
+            chooser.used(item)
     result = CacheResult(policy, capacity, sum(hits), len(hits) - sum(hits), order=hits)
     if trace.expert_bytes is not None:
         result.bytes_loaded = result.misses * trace.expert_bytes
     return result
+
+
+def choose_victim(policy, cached: set, pinned: set):
+    """The cached item to evict: `policy`'s choice among those the running step does not use
+    (a step's experts are all fed to one graph call, so they must be in memory together); among
+    all of them only when the step alone needs more than the cache holds."""
+    return policy.victim((cached - pinned) or cached)
 
 
 def make_policy(policy: str, future: list = ()):
