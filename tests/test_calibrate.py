@@ -45,9 +45,7 @@ def test_statistics_match_direct_computation_and_ignore_padding():
         torch.testing.assert_close(layer_stats.positive_fraction, (h > 0).float().mean(0))
         torch.testing.assert_close(layer_stats.domain_mean_abs["d"], h.abs().mean(0), **close)
         # Reservoir rows are real token activations.
-        assert all(
-            any(torch.allclose(row, t, atol=1e-5) for t in h) for row in layer_stats.reservoir
-        )
+        assert all(any(torch.allclose(row, t, **close) for t in h) for row in layer_stats.reservoir)
 
 
 def test_domains_are_tracked_separately():
