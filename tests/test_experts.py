@@ -194,8 +194,10 @@ def test_resident_mode_and_the_planned_prompt(offload_bundle):
     """experts="resident" caches every expert whatever cache says; a prompt's chunks are all
     planned before the first runs, so Belady misses no more than LRU on the same prompt."""
     _, bundle = offload_bundle
-    session = recast.runtime.load(bundle, experts="resident", cache=1)
-    assert session.experts.capacity == len(session.experts.store.layers) * 4
+    everything = len(recast.runtime.load(bundle).experts.store.layers) * 4
+    for sizing in ({"cache": 1}, {"memory_budget": "1KB"}):
+        session = recast.runtime.load(bundle, experts="resident", **sizing)
+        assert session.experts.capacity == everything
     prompt = token_batch(1, 24, seed=7).numpy()
     misses = {}
     for policy in ("lru", "belady"):

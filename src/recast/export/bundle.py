@@ -68,9 +68,8 @@ def export_bundle(
         manifest = _manifest(model, spec, graphs, source)
         manifest["files"] = file_records(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        manifest["parity"] = check_parity(model, staging, spec, tokenizer)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         session = Session(staging, device=spec.target, verify=False)
+        manifest["parity"] = check_parity(model, session, tokenizer)
         manifest["profile"] = measure_profile(session)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..errors import ParityError
-from ..recipe import ExportSpec
 from ..refactor.build import moe_layers
 from ..runtime.session import Session
 
@@ -125,8 +124,7 @@ def _coverage_batches(info: dict, tokenizer, generator):
 
 
 @torch.no_grad()
-def check_parity(model: nn.Module, bundle, spec: ExportSpec, tokenizer=None) -> dict:
-    session = Session(bundle, device=spec.target, verify=False)
+def check_parity(model: nn.Module, session: Session, tokenizer=None) -> dict:
     precision = session.manifest["precision"]
     tolerance = TOLERANCE[precision]
     info = session.model_info

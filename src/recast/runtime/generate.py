@@ -128,20 +128,17 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
         logits = decoder.step(ids, np.ones_like(ids))
     else:  # offload: the prompt in chunks whose experts fit the cache, routed once
         decoder.router_cache = routed["cache"]
+        bounds = list(zip([0, *cuts[:-1]], cuts, strict=True))
         chunks = [
             {k: routed[k][:, start:stop] for k in ("expert_indices", "expert_weights")}
-            for start, stop in zip([0, *cuts], cuts, strict=False)
+            for start, stop in bounds
         ]
         for chunk in chunks:  # the whole prompt's accesses are known: Belady plans with them
             session.experts.plan(session.expert_accesses(chunk))
-        for i, stop in enumerate(cuts):
-            start, upcoming = stop - chunks[i]["expert_indices"].shape[1], chunks[i + 1 : i + 2]
-            logits = decoder.step(
-                ids[:, start:stop],
-                np.ones((batch, stop), np.int64),
-                chunks[i],
-                upcoming[0] if upcoming else None,
-            )
+        for i, (start, stop) in enumerate(bounds):
+            upcoming = chunks[i + 1] if i + 1 < len(chunks) else None
+            mask = np.ones((batch, stop), np.int64)
+            logits = decoder.step(ids[:, start:stop], mask, chunks[i], upcoming)
     prefilled = time.perf_counter()
     mask = np.ones_like(ids)
     done = np.zeros(batch, dtype=bool)

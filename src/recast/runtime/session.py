@@ -58,9 +58,9 @@ class Session:
                 "experts='offload' needs an offload bundle; export it with offload: true"
             )
         if offload:
-            everything = experts == "resident" or (cache is None and memory_budget is None)
-            options = {"prefetch": prefetch, "policy": policy, "cold": cold}
-            self.experts = self._expert_cache(None if everything else cache, memory_budget, options)
+            if experts == "resident":
+                cache = memory_budget = None
+            self.experts = self._expert_cache(cache, memory_budget, policy, prefetch, cold)
         elif cache is not None or memory_budget is not None:
             raise RuntimeInputError(
                 "cache and memory_budget are for offload bundles (export with offload: true)"
@@ -68,17 +68,17 @@ class Session:
         else:
             self.experts = None
 
-    def _expert_cache(self, cache, memory_budget, options):
+    def _expert_cache(self, cache, memory_budget, policy, prefetch, cold):
         """The cache an offload bundle's experts are fed from: `cache` experts, as many as
         fit in what `memory_budget` leaves after the resident weights, or all of them."""
         from .experts import ExpertCache, ExpertStore
         from .profile import expert_budget
 
-        store = ExpertStore(self.bundle, cold=options.pop("cold"))
+        store = ExpertStore(self.bundle, cold=cold)
         if cache is None and memory_budget is None:
             cache = len(store.layers) * self.routing["experts"]
         budget = None if memory_budget is None else expert_budget(self.manifest, memory_budget)
-        return ExpertCache(store, cache, budget, **options)
+        return ExpertCache(store, cache, budget, policy, prefetch)
 
     def stats(self) -> dict:
         """Offload bundles: the expert cache's hits, misses, bytes loaded, stall time and peak
