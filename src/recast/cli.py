@@ -121,6 +121,24 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
     export.add_argument("--quiet", action="store_true", help="no stage messages")
 
+    fuse = sub.add_parser(
+        "fuse",
+        help="fuse several models into one bundle: each weight stored once, shared work done once",
+        description="Fuse the models a fusion recipe names (ONNX files, bundles, checkpoints) "
+        "into one ONNX bundle whose outputs are named model/output: inputs that are the same "
+        "tensor become one, identical weights are stored once, computation the models share "
+        "runs once, parallel matmuls are merged. Every model's outputs are checked against "
+        "the model run alone before the bundle is written. Docs: docs/fusion.md.",
+    )
+    fuse.add_argument("recipe", help="fusion recipe YAML file")
+    fuse.add_argument(
+        "--out", help="bundle directory (default: the recipe's dir, else exported/<name>)"
+    )
+    fuse.add_argument("--png", help="also draw the fused DAG (ops coloured by model) to this PNG")
+    fuse.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    fuse.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
+    fuse.add_argument("--quiet", action="store_true", help="no stage messages")
+
     run = sub.add_parser(
         "run",
         help="run a bundle: generate from a prompt (decoders) or embed texts (encoders)",
@@ -131,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to continue (decoder bundles)")
     what.add_argument("--text", action="append", help="text to embed (encoder bundles; repeatable)")
+    what.add_argument("--inputs", metavar="NPZ", help="fused bundles: named input arrays (.npz)")
+    what.add_argument(
+        "--example", action="store_true", help="fused bundles: run on random example inputs"
+    )
+    run.add_argument(
+        "--models", help="fused bundles: comma-separated models to run (only their work is done)"
+    )
+    run.add_argument("--save", metavar="NPZ", help="fused bundles: write the outputs to this .npz")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--temperature", type=float, default=1.0)
@@ -301,9 +327,65 @@ def _quantize_setting(args):
     return args.quantize
 
 
+def _fuse(args) -> int:
+    from .fusion import fuse, load_fusion_recipe
+    from .runtime.fused import describe
+    from .runtime.manifest import read_manifest
+
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="recast: %(message)s", stream=sys.stderr)
+    recipe = load_fusion_recipe(args.recipe)
+    out = fuse(
+        recipe.entries(),
+        args.out or recipe.out,
+        shared_inputs=recipe.shared_inputs,
+        target=recipe.target,
+        skip=recipe.skip,
+        overwrite=args.overwrite,
+        png=args.png,
+        trust_pickle=args.trust_pickle,
+    )
+    manifest = read_manifest(out, verify=False)
+    parity = manifest["parity"]
+    print(
+        f"{out}: fused bundle of {', '.join(manifest['fusion']['models'])}; parity "
+        f"{parity['metric']} {parity['max_error']:.2e} (tolerance {parity['tolerance']:g})"
+    )
+    print("\n".join(describe(manifest["fusion"])))
+    return 0
+
+
+def _run_fused(session, args) -> int:
+    from .errors import RuntimeInputError
+    from .runtime.fused import example_feeds
+
+    fusion = session.manifest["fusion"]
+    if args.example:
+        feeds = example_feeds(fusion["inputs"], fusion["dims"])
+    else:
+        try:
+            with np.load(args.inputs) as data:
+                feeds = {name: data[name] for name in data.files}
+        except (OSError, ValueError) as exc:
+            raise RuntimeInputError(f"cannot read inputs {args.inputs}: {exc}") from exc
+    models = args.models.split(",") if args.models else None
+    outputs = session.run(feeds, models=models)
+    if args.save:
+        np.savez(args.save, **outputs)
+    if args.json:
+        print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
+        return 0
+    for name, value in outputs.items():
+        head = " ".join(f"{v:+.3f}" for v in value.ravel()[:4].astype(float))
+        print(f"{name}: {value.dtype} {list(value.shape)} [{head} ...]")
+    return 0
+
+
 def _run(args) -> int:
+    from .errors import RuntimeInputError
     from .runtime import load
 
+    fused_only = args.inputs is not None or args.example or args.models or args.save
     session = load(
         args.bundle,
         device=args.device,
@@ -312,6 +394,12 @@ def _run(args) -> int:
         policy=args.policy,
         prefetch=not args.no_prefetch,
     )
+    if session.kind == "fused":
+        if not (args.inputs is not None or args.example):
+            raise RuntimeInputError("a fused bundle runs on --inputs FILE.npz or --example")
+        return _run_fused(session, args)
+    if fused_only:
+        raise RuntimeInputError("--inputs, --example, --models and --save are for fused bundles")
     if args.prompt is not None:
         text = session.generate(
             args.prompt,
@@ -482,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": _validate,
         "inspect": _inspect,
         "export": _export,
+        "fuse": _fuse,
         "run": _run,
         "bench": _bench,
         "trace": _trace,

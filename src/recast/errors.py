@@ -70,3 +70,7 @@ class TraceError(RecastError):
 
 class OffloadError(RecastError):
     """An expert store or cache cannot be set up as asked (no store, a budget below one expert)."""
+
+
+class FusionError(RecastError):
+    """Models cannot be fused as asked (an unknown source, mismatched shared inputs, control flow)."""

@@ -323,33 +323,39 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] = ()) -
     """A validated Recipe from a YAML path, a dict or a Recipe, with `--set` overrides applied."""
     if isinstance(source, Recipe):
         source = source.model_dump()
-    text, origin = None, "recipe"
+    data, origin, text = read_mapping(source, "name, model, experts")
+    return validated(Recipe, apply_overrides(data, list(overrides)), origin, text)
+
+
+def read_mapping(source: str | Path | dict, keys: str) -> tuple[dict, str, str | None]:
+    """(data, origin, YAML text) of a recipe given as a dict or a YAML file; `keys` names
+    some top-level keys for the error a non-mapping gets."""
     if isinstance(source, dict):
-        data = dict(source)
-    else:
-        path = Path(source)
-        origin = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise RecipeError(
-                f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
-            ) from exc
-        if not isinstance(data, dict):
-            raise RecipeError(
-                f"{path}: a recipe is a YAML mapping of keys such as name, model, experts"
-            )
-    data = apply_overrides(data, list(overrides))
+        return dict(source), "recipe", None
+    path = Path(source)
     try:
-        return Recipe.model_validate(data)
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(
+            f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys such as {keys}")
+    return data, str(path), text
+
+
+def validated(schema: type[BaseModel], data: dict, origin: str, text: str | None):
+    """`schema` validated from `data`; RecipeError with the first error's path and line."""
+    try:
+        return schema.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_describe(exc, origin, text)) from None
+        raise RecipeError(_describe(exc, origin, text, schema)) from None
 
 
 def export_spec(settings: ExportSpec | dict | None) -> ExportSpec:
@@ -359,10 +365,12 @@ def export_spec(settings: ExportSpec | dict | None) -> ExportSpec:
     try:
         return ExportSpec.model_validate(settings or {})
     except ValidationError as exc:
-        raise RecipeError(_describe(exc, "export settings", None)) from None
+        raise RecipeError(_describe(exc, "export settings", None, ExportSpec)) from None
 
 
-def _describe(exc: ValidationError, origin: str, text: str | None) -> str:
+def _describe(
+    exc: ValidationError, origin: str, text: str | None, schema: type[BaseModel] = Recipe
+) -> str:
     """One line for the first error: `file:line: path: message`, and how many more."""
     errors = exc.errors()
     first = errors[0]
@@ -371,7 +379,7 @@ def _describe(exc: ValidationError, origin: str, text: str | None) -> str:
     line = _line_of(text, first["loc"]) if text else None
     where = f"{origin}:{line}" if line else origin
     if first["type"] == "extra_forbidden":
-        known = _known_keys(loc[:-1])
+        known = _known_keys(loc[:-1], schema)
         message = f"unknown key{did_you_mean(loc[-1], known)}; allowed here: {', '.join(known)}"
     else:
         message = first["msg"].removeprefix("Value error, ")
@@ -379,9 +387,10 @@ def _describe(exc: ValidationError, origin: str, text: str | None) -> str:
     return f"{where}: {path}{message}{more}"
 
 
-def _known_keys(parents: list[str]) -> list[str]:
-    model: type[BaseModel] = Recipe
+def _known_keys(parents: list[str], model: type[BaseModel]) -> list[str]:
     for part in parents:
+        if part not in model.model_fields:
+            return []
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []

@@ -156,7 +156,7 @@ def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec,
             quantization = _optimize_and_quantize(
                 raw, staging / file, work, spec, name, model, tokenizer
             )
-            inputs, outputs = _onnx_io(staging / file)
+            inputs, outputs = onnx_io(staging / file)
         graphs[name] = {"file": file, "inputs": inputs, "outputs": outputs}
         if spec.format == "pt2" and compiled is not None:
             graphs[name]["compiled"] = compiled.name  # what the runtime runs
@@ -194,7 +194,7 @@ def _optimize_and_quantize(
     return report
 
 
-def _onnx_io(path: Path) -> tuple[list[dict], list[dict]]:
+def onnx_io(path: Path) -> tuple[list[dict], list[dict]]:
     graph = onnx.load(str(path), load_external_data=False).graph
 
     def describe(value) -> dict:

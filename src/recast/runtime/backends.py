@@ -32,12 +32,27 @@ def providers_for(device: str | None) -> list[str]:
 
 
 class OnnxGraph:
+    """An onnxruntime session on a graph file, or on an in-memory ModelProto whose external
+    data lives in `folder`."""
+
     def __init__(
-        self, path: Path, device: str | None, threads: int | None = None, arena: bool = True
+        self,
+        path,
+        device: str | None,
+        threads: int | None = None,
+        arena: bool = True,
+        folder: Path | None = None,
     ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if folder is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(folder)
+            )
+            path = path.SerializeToString()
+        else:
+            path = str(path)
         # Without the arena, memory goes back after each run instead of staying at its peak:
         # what an offload session needs for its memory bound to hold.
         options.enable_cpu_mem_arena = arena
@@ -49,7 +64,7 @@ class OnnxGraph:
         # errors while falling back to the CPU; `providers` tells what was used instead.
         ort.set_default_logger_severity(4)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(path, options, providers=providers)
         finally:
             ort.set_default_logger_severity(2)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():

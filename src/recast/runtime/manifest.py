@@ -76,6 +76,8 @@ def summary(bundle: Path, manifest: dict) -> str:
     """What `recast inspect BUNDLE` prints: kind, precision, graphs, routing, parity, size."""
     model, routing, parity = manifest["model"], manifest.get("routing"), manifest["parity"]
     size = sum(f["size"] for f in manifest["files"].values())
+    if manifest["kind"] == "fused":
+        return "\n".join(_fused_summary(bundle, manifest, size))
     lines = [
         f"{bundle}: {manifest['kind']} {manifest['artifact']} bundle for {manifest['target']}, "
         f"{manifest['precision']}, {size / 2**20:.1f} MiB, recast {manifest['recast_version']}",
@@ -104,3 +106,17 @@ def summary(bundle: Path, manifest: dict) -> str:
 
         lines.extend(describe(manifest["profile"]))
     return "\n".join(lines)
+
+
+def _fused_summary(bundle: Path, manifest: dict, size: int) -> list[str]:
+    from .fused import describe
+
+    parity = manifest["parity"]
+    return [
+        f"{bundle}: fused {manifest['artifact']} bundle for {manifest['target']}, "
+        f"{manifest['precision']}, {size / 2**20:.1f} MiB, recast {manifest['recast_version']}",
+        *describe(manifest["fusion"]),
+        "  parity          "
+        + ", ".join(f"{m} {e:.2e}" for m, e in parity["models"].items())
+        + f" <= {parity['tolerance']:g} ({parity['metric']}, {len(parity['cases'])} cases)",
+    ]

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import BundleIntegrityError, RuntimeInputError
 from .backends import OnnxGraph, Pt2Graph
+from .fused import FusedRunner
 from .generate import Sampling, decode_loop
 from .manifest import read_manifest
 
@@ -38,16 +39,25 @@ class Session:
         prefetch: bool = True,
         cold: bool = False,
         experts: str | None = None,
+        models: list[str] | None = None,
     ):
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify=verify)
-        self.kind = self.manifest["kind"]  # "decoder" | "encoder"
+        self.kind = self.manifest["kind"]  # "decoder" | "encoder" | "fused"
         self.model_info = self.manifest["model"]
         self.routing = self.manifest.get("routing")
-        self.graphs = {
-            name: self._open(spec, device, threads)
-            for name, spec in self.manifest["graphs"].items()
-        }
+        self.fused = None
+        if self.kind == "fused":
+            self.fused = FusedRunner(self.bundle, self.manifest, device, threads)
+            self.models = self.fused.models if models is None else list(models)
+            self.graphs = {"model": self._guarded(self.fused.graph, self.models)}
+        elif models is not None:
+            raise RuntimeInputError("models= selects models of a fused bundle (recast fuse)")
+        else:
+            self.graphs = {
+                name: self._open(spec, device, threads)
+                for name, spec in self.manifest["graphs"].items()
+            }
         self.tokenizer = self._tokenizer()
         self.timings: dict = {}  # the last generate's prefill and decode seconds
         offload = (self.routing or {}).get("offload", False)
@@ -90,17 +100,20 @@ class Session:
 
     def _open(self, spec: dict, device: str | None, threads: int | None):
         path = self.bundle / spec["file"]
+        if self.manifest["artifact"] == "pt2":
+            return self._guarded(Pt2Graph, path, spec, device)
+        if spec["file"].startswith("router"):
+            # small: one thread, so no second spinning thread pool competes with the
+            # backbone's right after it
+            return self._guarded(OnnxGraph, path, device, 1)
+        offload = (self.routing or {}).get("offload", False)
+        return self._guarded(OnnxGraph, path, device, threads, arena=not offload)
+
+    def _guarded(self, opener, *args, **kwargs):
         try:
-            if self.manifest["artifact"] == "pt2":
-                return Pt2Graph(path, spec, device)
-            if spec["file"].startswith("router"):
-                # small: one thread, so no second spinning thread pool competes with the
-                # backbone's right after it
-                return OnnxGraph(path, device, 1)
-            offload = (self.routing or {}).get("offload", False)
-            return OnnxGraph(path, device, threads, arena=not offload)
+            return opener(*args, **kwargs)
         except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unverified damaged file
-            raise BundleIntegrityError(f"{path} cannot be loaded: {exc}") from exc
+            raise BundleIntegrityError(f"{self.bundle} cannot be loaded: {exc}") from exc
 
     def _tokenizer(self):
         path = self.bundle / "tokenizer.json"
@@ -125,14 +138,37 @@ class Session:
 
     # -- raw graphs -------------------------------------------------------------------------
 
-    def run(self, feeds: dict[str, np.ndarray], graph: str = "model") -> dict[str, np.ndarray]:
-        """Run one graph (`model`, or `router` for pre-gating bundles) on named inputs."""
+    def run(
+        self, feeds: dict[str, np.ndarray], graph: str = "model", models: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one graph (`model`, or `router` for pre-gating bundles) on named inputs. Fused
+        bundles return every model's outputs as `model/output`, or, with `models`, only those
+        models' (computing only what they need; inputs the others take may stay in `feeds`)."""
+        if self.fused is not None:
+            return self._run_fused(feeds, self.models if models is None else models)
+        if models is not None:
+            raise RuntimeInputError("models= selects models of a fused bundle (recast fuse)")
         if graph not in self.graphs:
             raise RuntimeInputError(
                 f"this bundle has no {graph!r} graph; it has {list(self.graphs)}"
             )
         self._check_feeds(feeds, self.graphs[graph].inputs)
         return self.graphs[graph].run(feeds)
+
+    def _run_fused(self, feeds: dict, models: list[str]) -> dict[str, np.ndarray]:
+        from .fused import check_ranges
+
+        graph = self._guarded(self.fused.graph, models)
+        known = {i["name"] for i in self.fused.fusion["inputs"]}
+        unknown = [n for n in feeds if n not in known]
+        if unknown:
+            raise RuntimeInputError(
+                f"this fused bundle has no input {unknown[0]!r}; it takes {sorted(known)}"
+            )
+        feeds = {n: v for n, v in feeds.items() if n in graph.inputs}
+        self._check_feeds(feeds, graph.inputs)
+        check_ranges(self.fused.fusion["inputs"], feeds)
+        return graph.run(feeds)
 
     def _check_feeds(self, feeds: dict, expected: dict) -> None:
         missing = [n for n in expected if n not in feeds]
@@ -149,7 +185,7 @@ class Session:
                 raise RuntimeInputError(f"{name} must be a {np.dtype(dtype)} array, got {got}")
             if len(shape) != value.ndim:
                 raise RuntimeInputError(f"{name} must have {len(shape)} dims, got {value.shape}")
-        if "input_ids" in feeds:
+        if "input_ids" in feeds and self.model_info is not None:
             self._check_ids(feeds["input_ids"], feeds.get("attention_mask"))
 
     def _check_ids(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
@@ -184,6 +220,8 @@ class Session:
 
     def forward(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
         """`logits` (decoders) or `last_hidden_state` (encoders) for a batch of token ids."""
+        if self.fused is not None:
+            raise RuntimeInputError("a fused bundle holds several models: call run(feeds)")
         ids = as_ids(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else as_ids(attention_mask)
         if mask.shape != ids.shape:
@@ -261,7 +299,7 @@ class Session:
         """Encoders: mean-pooled, L2-normalised sentence embeddings `[N, hidden]`
         (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
         if self.kind != "encoder":
-            raise RuntimeInputError("embed() needs an encoder bundle; this one is a decoder")
+            raise RuntimeInputError(f"embed() needs an encoder bundle; this one is {self.kind}")
         ids, mask = self.encode([texts] if isinstance(texts, str) else texts)
         hidden = self.forward(ids, mask)["last_hidden_state"]
         weights = mask[..., None].astype(hidden.dtype)
@@ -280,7 +318,7 @@ class Session:
         """Continue `prompt` with the KV cache: text in, text out; token ids (a list or a
         `[B, T]` array) in, token ids out (prompt included, like transformers' generate)."""
         if self.kind != "decoder":
-            raise RuntimeInputError("generate() needs a decoder bundle; this one is an encoder")
+            raise RuntimeInputError(f"generate() needs a decoder bundle; this one is {self.kind}")
         text = isinstance(prompt, str)
         ids = self.encode([prompt])[0] if text else as_ids(prompt)
         if ids.ndim == 1:
@@ -317,5 +355,6 @@ def positions(mask: np.ndarray) -> np.ndarray:
 def load(bundle: str | Path, device: str | None = None, **options) -> Session:
     """Open an exported bundle: checksums verified, CUDA used when present (else CPU).
     `options` are `Session`'s: `verify`, `threads`, and for offload bundles `experts`,
-    `cache`, `memory_budget`, `policy`, `prefetch` and `cold` (all experts cached by default)."""
+    `cache`, `memory_budget`, `policy`, `prefetch` and `cold` (all experts cached by default),
+    and for fused bundles `models` (open only the part of the graph those models need)."""
     return Session(bundle, device, **options)
