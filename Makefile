@@ -39,6 +39,7 @@ bench: setup exported/tiny-lm
 	$(BIN)/python scripts/bench_quality.py
 	$(BIN)/python scripts/bench_export.py
 	$(BIN)/python scripts/bench_serving.py
+	$(BIN)/python scripts/bench_fusion.py
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from recast import load_recipe
 from recast.cli import _parser
 from recast.data import BUILTIN_SOURCES
+from recast.fusion import load_fusion_recipe
 from recast.recipe import Recipe
 from recast.refactor.partition import STRATEGIES
 from recast.routers import ROUTERS
@@ -247,14 +248,19 @@ def test_required_recipe_exists(name):
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
 def test_recipe_validates_and_starts_with_its_command(path):
+    """Conversion recipes run with `recast convert`; fusion recipes (`fuse-*`) with `recast fuse`."""
+    command = "fuse" if path.name.startswith("fuse-") else "convert"
     lines = path.read_text().splitlines()
-    assert lines and lines[0] == f"# recast convert recipes/{path.name}", (
-        f"{path.name} must start with '# recast convert recipes/{path.name}'"
+    assert lines and lines[0] == f"# recast {command} recipes/{path.name}", (
+        f"{path.name} must start with '# recast {command} recipes/{path.name}'"
     )
     assert len(lines) > 1 and lines[1].startswith("# "), (
         f"{path.name}: the command line must be followed by a comment saying what it does"
     )
-    load_recipe(path)
+    if command == "fuse":
+        load_fusion_recipe(path)
+    else:
+        load_recipe(path)
 
 
 # --- (c) README Python examples run --------------------------------------------------------

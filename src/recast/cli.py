@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
-    validate = sub.add_parser("validate", help="check recipes without running them")
+    validate = sub.add_parser(
+        "validate", help="check recipes (conversion or fusion) without running them"
+    )
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
 
     inspect = sub.add_parser(
@@ -264,9 +266,15 @@ def _convert(args) -> int:
 
 
 def _validate(args) -> int:
-    from .recipe import load_recipe
+    from .fusion import load_fusion_recipe
+    from .recipe import load_recipe, read_mapping
 
     for path in args.recipes:
+        data, _, _ = read_mapping(path, "name, model, experts")
+        if "models" in data:  # a fusion recipe
+            fusion = load_fusion_recipe(path)
+            print(f"{path}: ok ({fusion.name}: fuses {', '.join(fusion.models)})")
+            continue
         recipe = load_recipe(path)
         print(
             f"{path}: ok ({recipe.name}: {recipe.experts.count} experts, {recipe.experts.strategy})"

@@ -24,7 +24,7 @@ def export_onnx(traceable: Traceable, path: Path, moe_op: str, fold: bool = True
     weight read as `Gather(stacked, e)`; onnxruntime optimizes the bundle either way."""
     try:
         # onnx_ir and onnxscript log every deduplicated initializer and skipped fold at INFO
-        with quiet("onnx_ir", "onnxscript"):
+        with quiet("onnx_ir", "onnxscript", "torch.onnx"):
             program = torch.onnx.export(
                 traceable.module,
                 traceable.args,

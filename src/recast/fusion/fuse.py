@@ -1,6 +1,6 @@
 """`recast.fuse`: N models in, one verified bundle out.
 
-    sources ─► opset ─► IR ─► inputs ─► dedup ─► cse ─► horizontal ─► dead ─► ONNX ─► onnxruntime
+    sources ─► opset ─► IR ─► inputs ─► dedup ─► cse ─► dead ─► horizontal ─► ONNX ─► onnxruntime
                                                                               optimization ─► bundle
 
 The bundle (`kind: fused`) holds one graph whose outputs are `model/output`, and a manifest
@@ -111,8 +111,8 @@ def _fused_graph(sources: dict[str, Source], shared_inputs, skip) -> tuple[Fusio
         UnifyInputs(shared_inputs),
         DeduplicateInitializers(),
         CommonSubexpressions(),
+        DeadNodes(),  # before horizontal, which would merge work for dropped outputs into kept
         HorizontalFusion(),
-        DeadNodes(),
     ]
     for graph_pass in passes:
         if graph_pass.name in skip:
@@ -171,22 +171,28 @@ def _input_record(graph: FusionGraph, key: str) -> dict:
         values = "ones"
     else:
         rows = [
-            graph.g.nodes[table]["proto"].dims[0]
+            rows
             for op in graph.consumers(key)
             for slot, tensor_key in enumerate(graph.g.nodes[op]["inputs"])
-            if tensor_key == key and (table := _table(graph, op, slot)) is not None
+            if tensor_key == key and (rows := _table_rows(graph, op, slot)) is not None
         ]
-        values = [0, int(min(rows))] if rows else [0, 2]
+        # ids of a table: checked at run time; other integers: small example values only
+        values = [0, int(min(rows))] if rows else "small"
     return {"name": key, "dtype": dtype.name, "shape": shape, "values": values}
 
 
-def _table(graph: FusionGraph, op: str, slot: int) -> str | None:
+def _table_rows(graph: FusionGraph, op: str, slot: int) -> int | None:
+    """The rows of the constant table `op` indexes with its input `slot`, if it does."""
     d = graph.g.nodes[op]
     table_slot = ID_TABLES.get((d["op_type"], slot))
     if table_slot is None or table_slot >= len(d["inputs"]):
         return None
-    table = d["inputs"][table_slot]
-    return table if graph.g.nodes[table].get("role") == "initializer" else None
+    table = graph.g.nodes.get(d["inputs"][table_slot], {})
+    if table.get("role") != "initializer":
+        return None
+    dims = list(table["proto"].dims)
+    axis = next((a.i for a in d["attrs"] if a.name == "axis"), 0)
+    return dims[axis % len(dims)] if dims else None
 
 
 def _manifest(staging: Path, sources: dict[str, Source], fusion: dict, target: str) -> dict:

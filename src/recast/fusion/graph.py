@@ -264,6 +264,7 @@ class FusionGraph:
         del tensor.external_data[:]
         for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             tensor.ClearField(typed)
+        tensor.data_location = onnx.TensorProto.DEFAULT
         if len(payload) < INLINE_BYTES:  # shapes and split sizes: shape inference reads them
             tensor.raw_data = payload
             return tensor

@@ -170,9 +170,9 @@ def _torch_source(name: str, spec: TorchModel, work: Path) -> Source:
         )
     axes = spec.dynamic_axes or {n: {0: "batch"} for n in input_names}
     dims = {d: Dim(d) for per_input in axes.values() for d in per_input.values()}
-    dynamic = tuple(
-        {axis: dims[d] for axis, d in axes.get(n, {}).items()} or None for n in input_names
-    )
+    dynamic = {  # positional: export_onnx passes the values in argument order
+        n: {axis: dims[d] for axis, d in axes.get(n, {}).items()} or None for n in input_names
+    }
     traceable = Traceable(module, args, input_names, output_names, dynamic, axes)
     path = export_onnx(traceable, work / f"{name}.onnx", moe_op="gather")
     model = onnx.load(str(path), load_external_data=False)

@@ -9,12 +9,13 @@ import numpy as np
 from ..errors import DeviceUnavailableError
 
 ONNX_DTYPES = {
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(bool)": np.bool_,
-}
+    f"tensor({name})": np.dtype(numpy_name).type
+    for name, numpy_name in [
+        ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("bool", "bool"),
+        ("int8", "int8"), ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
+        ("uint8", "uint8"), ("uint16", "uint16"), ("uint32", "uint32"), ("uint64", "uint64"),
+    ]
+}  # fmt: skip
 
 
 def providers_for(device: str | None) -> list[str]:
@@ -72,7 +73,7 @@ class OnnxGraph:
                 "onnxruntime could not start its CUDA provider (no usable GPU); use device='cpu'"
             )
         self.inputs = {
-            i.name: (ONNX_DTYPES.get(i.type, np.float32), i.shape)
+            i.name: (ONNX_DTYPES.get(i.type), i.shape)  # None: a type numpy lacks, unchecked
             for i in self.session.get_inputs()
         }
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -101,6 +101,8 @@ def example_feeds(inputs: list[dict], dims: dict, case: int = 1, seed: int = 0) 
             feeds[spec["name"]] = np.ones(shape, dtype)
         elif values == "normal":
             feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif values == "small":  # integers that index no table
+            feeds[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
         else:
             feeds[spec["name"]] = rng.integers(values[0], values[1], shape).astype(dtype)
     return feeds

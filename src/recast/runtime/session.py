@@ -180,9 +180,10 @@ class Session:
             )
         for name, (dtype, shape) in expected.items():
             value = feeds[name]
-            if not isinstance(value, np.ndarray) or value.dtype != dtype:
+            if not isinstance(value, np.ndarray) or (dtype is not None and value.dtype != dtype):
                 got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
-                raise RuntimeInputError(f"{name} must be a {np.dtype(dtype)} array, got {got}")
+                want = "numpy" if dtype is None else np.dtype(dtype)
+                raise RuntimeInputError(f"{name} must be a {want} array, got {got}")
             if len(shape) != value.ndim:
                 raise RuntimeInputError(f"{name} must have {len(shape)} dims, got {value.shape}")
         if "input_ids" in feeds and self.model_info is not None:

@@ -4,8 +4,8 @@
     inputs      inputs that are the same tensor become one graph input
     dedup       initializers with the same content stored once
     cse         the same op on the same inputs computed once (across models)
-    horizontal  parallel MatMul / Gemm / Conv on one input merged into one op and a Split
     dead        ops and weights no output needs removed
+    horizontal  parallel MatMul / Gemm / Conv on one input merged into one op and a Split
 
 Each reports its rewrite count (and what it saved) in a `PassResult`.
 """
@@ -22,4 +22,4 @@ class PassResult:
     detail: dict = field(default_factory=dict)
 
 
-GRAPH_PASSES = ("inputs", "dedup", "cse", "horizontal", "dead")  # the ones a recipe may skip
+GRAPH_PASSES = ("inputs", "dedup", "cse", "dead", "horizontal")  # the ones a recipe may skip

