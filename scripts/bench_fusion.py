@@ -15,8 +15,10 @@ The separate baseline loads each model's graph, optimized by onnxruntime at the 
 the fused one, into its own session and runs them one after another; both use onnxruntime's
 default session settings. Each measurement runs in a fresh process: cold load (the files are
 first dropped from the page cache, then sessions are created and run once), resident memory
-after that (RSS minus the process's RSS before loading), latency p50 of one request (every
-model on one input, batch 1) and throughput (requests per second at batch `--batch`).
+after that and again after the throughput run (RSS minus the process's RSS before loading),
+latency p50 of one request (every model on one input, batch 1) and throughput (requests per
+second at batch `--batch`). Each side is measured with onnxruntime's thread-pool spinning on
+and off, and reported at its better setting (by throughput); all runs are in the JSON.
 
 Targets (issue 6): hetero faster and smaller than separate by more than FusedInf's 14% / 17%;
 tasks: >= 2.5x throughput and >= 60% less weight memory.
@@ -51,8 +53,6 @@ batch = [dict(np.load(f)) for f in p["feeds_batch"]]
 options = ort.SessionOptions()
 options.log_severity_level = 3
 options.add_session_config_entry("session.intra_op.allow_spinning", str(int(p["spin"])))
-if p["parallel"]:
-    options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
 rss0 = _bench.rss_bytes()
 start = time.perf_counter()
 sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in p["graphs"]]
@@ -76,18 +76,15 @@ while runs < 3 or time.perf_counter() - start < p["seconds"]:
     request(batch)
     runs += 1
 throughput = runs * p["batch"] / (time.perf_counter() - start)
-_bench.emit({"load_s": load, "rss": rss, "latency_ms": float(np.median(times) * 1e3),
-             "throughput": throughput})
+_bench.emit({"load_s": load, "rss": rss, "rss_serving": _bench.rss_bytes() - rss0,
+             "latency_ms": float(np.median(times) * 1e3), "throughput": throughput})
 """
 
 
-# (thread-pool spinning, parallel execution of independent branches) tried per side: spinning
-# threads of idle separate sessions compete with the running one on a small CPU, and a fused
-# graph of unrelated models has branches onnxruntime can run side by side.
-SETTINGS = {
-    "separate": [(True, False), (False, False)],
-    "fused": [(True, False), (False, False), (True, True)],
-}
+# onnxruntime's thread-pool spinning, tried on and off for each side: the spinning threads of
+# idle separate sessions compete with the running one on a small CPU. (Parallel execution of a
+# fused graph's independent branches was slower on 2 cores at every scenario: 0.4-0.5x.)
+SPINNING = (True, False)
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -303,7 +300,7 @@ def measure(scenario: str, facts: dict, args) -> dict:
     for mode, paths in graphs.items():
         files = [f for g in paths for f in (g, g + ".data") if Path(f).is_file()]
         runs = []
-        for spin, parallel in SETTINGS[mode]:
+        for spin in SPINNING:
             run = _bench.run_snippet(
                 MEASURE,
                 {
@@ -315,10 +312,9 @@ def measure(scenario: str, facts: dict, args) -> dict:
                     "batch": args.batch,
                     "seconds": args.seconds,
                     "spin": spin,
-                    "parallel": parallel,
                 },
             )
-            runs.append({**run, "spin": spin, "parallel": parallel})
+            runs.append({**run, "spin": spin})
             print(f"  {scenario} {mode}: {json.dumps(runs[-1])}")
         # each side at its best onnxruntime settings (by throughput); all runs are kept
         best = max(runs, key=lambda r: r["throughput"])
@@ -329,9 +325,8 @@ def measure(scenario: str, facts: dict, args) -> dict:
 
 def table(results: dict) -> str:
     headers = [
-        "scenario", "weights MiB sep/fused", "RSS MiB sep/fused", "cold load ms sep/fused",
-        "latency p50 ms sep/fused", "req/s sep/fused", "ops computed once", "parity",
-        "settings sep/fused",
+        "scenario", "weights MiB sep/fused", "RSS loaded MiB", "RSS serving MiB", "cold load ms",
+        "latency p50 ms", "req/s", "ops computed once", "parity", "spinning",
     ]  # fmt: skip
     rows = []
     for scenario, r in results.items():
@@ -347,6 +342,7 @@ def table(results: dict) -> str:
                 scenario,
                 pair("weight_bytes", 1 / _bench.MB),
                 pair("rss", 1 / _bench.MB),
+                pair("rss_serving", 1 / _bench.MB),
                 pair("load_s", 1e3),
                 pair("latency_ms", 1, 1),
                 pair("throughput", 1, 1, higher_is_better=True),
@@ -359,7 +355,7 @@ def table(results: dict) -> str:
 
 
 def _setting(run: dict) -> str:
-    return ("spin" if run["spin"] else "no spin") + (", parallel" if run["parallel"] else "")
+    return "spin" if run["spin"] else "no spin"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -368,7 +364,8 @@ def plot(results: dict, path: Path) -> None:
         return
     measures = [
         ("weight_bytes", "weights", False),
-        ("rss", "resident memory", False),
+        ("rss", "RSS loaded", False),
+        ("rss_serving", "RSS serving", False),
         ("load_s", "cold load", False),
         ("latency_ms", "latency", False),
         ("throughput", "throughput", True),
@@ -406,6 +403,7 @@ def main() -> None:
         print(f"{scenario}: building")
         facts = build(scenario, args)
         results[scenario] = measure(scenario, facts, args)
+    print("each cell: separate / fused (fused advantage)")
     print(table(results))
     png = Path(args.json).with_suffix(".png")
     plot(results, png)

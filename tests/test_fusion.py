@@ -34,7 +34,7 @@ from recast.fusion import TorchModel
 from recast.fusion.passes.horizontal import HorizontalFusion
 from recast.fusion.recipe import FusedModel, FusionRecipe
 from recast.runtime.fused import example_feeds, prune
-from tiny_models import VOCAB, tiny_model, token_batch
+from tiny_models import VOCAB, save_checkpoint, tiny_model, token_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSION_DOC = ROOT / "docs" / "fusion.md"
@@ -987,3 +987,31 @@ def test_every_fusion_recipe_key_has_a_row_in_docs_fusion():
     assert not repeated, "docs/fusion.md documents these keys more than once: " + ", ".join(
         repeated
     )
+
+
+def test_checkpoint_directories_fuse_as_decoders(tmp_path):
+    """A checkpoint directory is exported on the way (its own parity gate), a decoder's KV cache
+    inputs are fed from an empty cache by the fusion's parity gate, and outputs not kept go."""
+    checkpoint = tmp_path / "llama"
+    save_checkpoint("llama", checkpoint)
+    out = recast.fuse(
+        {"full": str(checkpoint), "logits": {"source": str(checkpoint), "outputs": ["logits"]}},
+        tmp_path / "fused",
+    )
+    manifest = manifest_of(out)
+    fusion = manifest["fusion"]
+    assert fusion["dims"] == {"past": 0, "total": "sequence"}
+    assert list(fusion["models"]["logits"]["outputs"]) == ["logits"]
+    assert any(o.startswith("full/present.") for o in fusion["models"]["full"]["outputs"].values())
+    # the same checkpoint twice: every op of the second copy is the first's (cse may also
+    # merge repeats inside one graph), and no op is needed by `logits` alone
+    report = fusion["report"]
+    assert report["after"]["ops"] <= report["before"]["ops_per_model"]["full"]
+    assert report["ops_by_models"].get("full+logits", 0) > 0
+    assert set(report["ops_by_models"]) <= {"full", "full+logits"}
+
+    session = recast.runtime.load(out, device="cpu")
+    feeds = example_feeds(fusion["inputs"], fusion["dims"], case=2)
+    outputs = session.run(feeds)
+    np.testing.assert_array_equal(outputs["full/logits"], outputs["logits/logits"])
+    assert manifest["parity"]["models"]["logits"] <= manifest["parity"]["tolerance"]

@@ -84,5 +84,6 @@ def draw(graph: FusionGraph, owners: dict[str, frozenset[str]], path: str | Path
     ax.legend(loc="upper right", fontsize=8)
     ax.set_axis_off()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
