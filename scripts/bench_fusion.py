@@ -381,7 +381,7 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(measures))])
     ax.set_xticklabels([label for _, label, _ in measures])
-    ax.set_ylabel("fused advantage (separate / fused; throughput fused / separate)")
+    ax.set_ylabel("fused advantage (x; above 1: fused better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -44,8 +44,12 @@ def test_statistics_match_direct_computation_and_ignore_padding():
         torch.testing.assert_close(layer_stats.mean, h.mean(0), **close)
         torch.testing.assert_close(layer_stats.positive_fraction, (h > 0).float().mean(0))
         torch.testing.assert_close(layer_stats.domain_mean_abs["d"], h.abs().mean(0), **close)
-        # Reservoir rows are real token activations.
-        assert all(any(torch.allclose(row, t, **close) for t in h) for row in layer_stats.reservoir)
+        # Reservoir rows are real token activations: each is within kernel noise of some row
+        # of the direct run (the kernels' ~1e-5 differences vary with threading, so the bound
+        # is 1e-3 of the row's scale; a padded or made-up row is off by far more).
+        for row in layer_stats.reservoir:
+            nearest = (h - row).abs().amax(1).min()
+            assert nearest <= 1e-3 * max(1.0, row.abs().max().item())
 
 
 def test_domains_are_tracked_separately():
