@@ -257,24 +257,22 @@ def build(scenario: str, args) -> dict:
         models = fine_tuned_models(scenario, args.trainable_layers, args.steps)
     files = {}
     for name, spec in models.items():
-        source = load_source(name, spec, where)  # torch.onnx -> where/<name>.onnx
+        load_source(name, spec, where)  # torch.onnx -> where/<name>.onnx
         files[name] = str(where / f"{name}.onnx")
         optimize(Path(files[name]), where / "separate" / f"{name}.onnx", "cpu")
-        del source
     recast.fuse(files, bundle, png=where / "fused.png", overwrite=True)
     facts = {"files": files, "bundle": str(bundle)}
     _bench.write_json(where / "build.json", facts)
     return facts
 
 
-def feeds(bundle: Path, batch: int, where: Path) -> tuple[list[str], dict[str, list[str]]]:
+def feeds(fusion: dict, batch: int, where: Path) -> dict[str, list[str]]:
     """npz files of inputs (batch x LENGTH where a dim is symbolic): the fused graph's, and
     each model's own (the same arrays, under its input names)."""
     import numpy as np
 
     from recast.runtime.fused import example_feeds
 
-    fusion = json.loads((bundle / "manifest.json").read_text())["fusion"]
     fused = example_feeds(fusion["inputs"], {"batch": batch, "sequence": LENGTH}, case=0)
     fused = {k: np.ascontiguousarray(v) for k, v in fused.items()}
     paths = {"fused": [str(where / f"fused-{batch}.npz")], "separate": []}
@@ -292,8 +290,8 @@ def feeds(bundle: Path, batch: int, where: Path) -> tuple[list[str], dict[str, l
 def measure(scenario: str, facts: dict, args) -> dict:
     where = ROOT / scenario
     bundle = Path(facts["bundle"])
-    one, many = feeds(bundle, 1, where), feeds(bundle, args.batch, where)
     manifest = json.loads((bundle / "manifest.json").read_text())
+    one, many = feeds(manifest["fusion"], 1, where), feeds(manifest["fusion"], args.batch, where)
     separate = [str(where / "separate" / f"{n}.onnx") for n in facts["files"]]
     graphs = {"separate": separate, "fused": [str(bundle / "model.onnx")]}
     results = {"parity": manifest["parity"]["max_error"], "report": manifest["fusion"]["report"]}

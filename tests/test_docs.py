@@ -23,6 +23,7 @@ from recast import load_recipe
 from recast.cli import _parser
 from recast.data import BUILTIN_SOURCES
 from recast.fusion import load_fusion_recipe
+from recast.fusion.recipe import FusedModel, FusionRecipe
 from recast.recipe import Recipe
 from recast.refactor.partition import STRATEGIES
 from recast.routers import ROUTERS
@@ -42,9 +43,12 @@ SHELL_LANGUAGES = ("sh", "bash", "shell", "console", "")
 
 
 def _nested_model(annotation) -> type[BaseModel] | None:
-    """The pydantic model inside a field annotation (`Spec`, `Spec | None`, ...), if any."""
+    """The pydantic model inside a field annotation (`Spec`, `Spec | None`,
+    `dict[str, str | Spec]`: a mapping's values), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if typing.get_origin(annotation) is dict:
+        return _nested_model(typing.get_args(annotation)[1])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
             found = _nested_model(arg)
@@ -156,6 +160,35 @@ def options_of(parser: argparse.ArgumentParser) -> set[str]:
 
 
 # --- (a) every recipe key is documented -----------------------------------------------------
+
+
+def test_fusion_recipe_key_walk():
+    assert schema_keys(FusionRecipe) == [
+        "name",
+        "models",
+        "models.source",
+        "models.outputs",
+        "shared_inputs",
+        "target",
+        "skip",
+        "dir",
+    ]
+    assert set(FusedModel.model_fields) == {"source", "outputs"}
+
+
+def test_every_fusion_recipe_key_has_a_row_in_docs_fusion():
+    fusion_doc = ROOT / "docs" / "fusion.md"
+    assert fusion_doc.is_file(), "docs/fusion.md is missing"
+    rows = documented_rows(fusion_doc.read_text())
+    keys = schema_keys(FusionRecipe)
+    missing = [key for key in keys if rows[key] == 0]
+    assert not missing, "docs/fusion.md has no table row starting with `key` for: " + ", ".join(
+        missing
+    )
+    repeated = [key for key in keys if rows[key] > 1]
+    assert not repeated, "docs/fusion.md documents these keys more than once: " + ", ".join(
+        repeated
+    )
 
 
 def test_schema_walk_finds_nested_keys():

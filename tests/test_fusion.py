@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import types
-import typing
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +22,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from pydantic import BaseModel
 
 import recast
 import recast.runtime
@@ -32,12 +29,10 @@ from recast.cli import main
 from recast.errors import FusionError, OutputExistsError, ParityError, RuntimeInputError
 from recast.fusion import TorchModel
 from recast.fusion.passes.horizontal import HorizontalFusion
-from recast.fusion.recipe import FusedModel, FusionRecipe
 from recast.runtime.fused import example_feeds, prune
 from tiny_models import VOCAB, save_checkpoint, tiny_model, token_batch
 
 ROOT = Path(__file__).resolve().parent.parent
-FUSION_DOC = ROOT / "docs" / "fusion.md"
 RTOL = ATOL = 1e-5  # fp32, same kernels: the fused graph may only reorder a sum's terms
 
 
@@ -922,71 +917,6 @@ def test_fused_model_above_2gb(tmp_path):
         np.testing.assert_array_equal(got["b/y"], huge_rows(ids, -2.0))
         if models is None:
             np.testing.assert_array_equal(got["a/y"], huge_rows(ids, 1.0))
-
-
-# --- docs -----------------------------------------------------------------------------------
-
-
-def fusion_recipe_keys(model: type[BaseModel] = FusionRecipe, prefix: str = "") -> list[str]:
-    """Dotted paths of every field of the fusion recipe, `models.<field>` for FusedModel's."""
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        for nested in _models_in(field.annotation):
-            keys.extend(fusion_recipe_keys(nested, f"{prefix}{name}."))
-    return keys
-
-
-def _models_in(annotation) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is dict:
-        args = args[1:]  # the values' type, not the keys'
-    elif typing.get_origin(annotation) not in (typing.Union, types.UnionType, list):
-        return []
-    return [m for arg in args for m in _models_in(arg)]
-
-
-def documented_rows(text: str) -> Counter:
-    """How often each `` `x` `` is the first cell of a Markdown table row."""
-    rows = Counter()
-    for line in text.splitlines():
-        if not line.lstrip().startswith("|"):
-            continue
-        first = line.strip().strip("|").split("|")[0].strip()
-        match = re.fullmatch(r"`([^`]+)`", first)
-        if match:
-            rows[match[1]] += 1
-    return rows
-
-
-def test_fusion_recipe_key_walk():
-    keys = fusion_recipe_keys()
-    assert keys == [
-        "name",
-        "models",
-        "models.source",
-        "models.outputs",
-        "shared_inputs",
-        "target",
-        "skip",
-        "dir",
-    ]
-    assert set(FusedModel.model_fields) == {"source", "outputs"}
-
-
-def test_every_fusion_recipe_key_has_a_row_in_docs_fusion():
-    assert FUSION_DOC.is_file(), "docs/fusion.md is missing"
-    rows = documented_rows(FUSION_DOC.read_text())
-    missing = [key for key in fusion_recipe_keys() if rows[key] == 0]
-    assert not missing, "docs/fusion.md has no table row starting with `key` for: " + ", ".join(
-        missing
-    )
-    repeated = [key for key in fusion_recipe_keys() if rows[key] > 1]
-    assert not repeated, "docs/fusion.md documents these keys more than once: " + ", ".join(
-        repeated
-    )
 
 
 def test_checkpoint_directories_fuse_as_decoders(tmp_path):

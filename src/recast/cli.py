@@ -266,16 +266,16 @@ def _convert(args) -> int:
 
 
 def _validate(args) -> int:
-    from .fusion import load_fusion_recipe
-    from .recipe import load_recipe, read_mapping
+    from .fusion import FusionRecipe
+    from .recipe import Recipe, read_mapping, validated
 
     for path in args.recipes:
-        data, _, _ = read_mapping(path, "name, model, experts")
+        data, origin, text = read_mapping(path, "name, model, experts")
         if "models" in data:  # a fusion recipe
-            fusion = load_fusion_recipe(path)
+            fusion = validated(FusionRecipe, data, origin, text)
             print(f"{path}: ok ({fusion.name}: fuses {', '.join(fusion.models)})")
             continue
-        recipe = load_recipe(path)
+        recipe = validated(Recipe, data, origin, text)
         print(
             f"{path}: ok ({recipe.name}: {recipe.experts.count} experts, {recipe.experts.strategy})"
         )

@@ -78,6 +78,8 @@ def fuse(
             log.info("reading model %s", name)
             sources[name] = load_source(name, spec, work, trust_pickle)
         graph, report = _fused_graph(sources, shared_inputs, skip)
+        owners = graph.owners()
+        report.update(sharing(owners))
         raw = work / "fused.onnx"
         onnx.save(graph.to_onnx(work / "fused.onnx.data"), str(raw))
         log.info("optimizing the fused graph with onnxruntime (%s)", target)
@@ -91,7 +93,7 @@ def fuse(
         manifest["parity"] = check_fused_parity(session, sources, fusion)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if png is not None:
-            draw(graph, graph.owners(), png)
+            draw(graph, owners, png)
     return out
 
 
@@ -126,7 +128,6 @@ def _fused_graph(sources: dict[str, Source], shared_inputs, skip) -> tuple[Fusio
         "after": census(graph),
         "passes": [vars(r) for r in results],
         "shared_inputs": shared,
-        **sharing(graph.owners()),
     }
     return graph, report
 

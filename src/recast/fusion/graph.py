@@ -257,8 +257,6 @@ class FusionGraph:
         tensor = onnx.TensorProto()
         tensor.CopyFrom(node["proto"])
         payload = tensor_bytes(tensor, node["base"])
-        if not tensor.HasField("raw_data") and not uses_external_data(tensor):
-            tensor = numpy_helper.from_array(numpy_helper.to_array(tensor))
         tensor.name = key
         tensor.ClearField("raw_data")
         del tensor.external_data[:]

@@ -119,33 +119,41 @@ def _onnx_source(name: str, path: Path) -> Source:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and OSErrors
         raise FusionError(f"model {name!r}: {path} is not a readable ONNX model ({exc})") from exc
+    from ..runtime.backends import OnnxGraph
+
+    return Source(name, model, path.parent, _lazily(lambda: OnnxGraph(path, "cpu")), str(path))
+
+
+def _bundle_source(name: str, bundle: Path, origin: str) -> Source:
+    from ..runtime.manifest import read_manifest
+    from ..runtime.session import Session
+
+    manifest = read_manifest(bundle)  # checksums verified here, once
+    graphs = manifest["graphs"]
+    if manifest["artifact"] != "onnx" or list(graphs) != ["model"]:
+        raise FusionError(
+            f"model {name!r}: {bundle} is a {manifest['artifact']} bundle with graphs "
+            f"{list(graphs)}; fusion takes ONNX bundles with one model graph (no pre-gating "
+            "router)"
+        )
+    model = onnx.load(str(bundle / graphs["model"]["file"]), load_external_data=False)
+    hints = DECODER_DIMS if manifest["kind"] == "decoder" else {}
+    reference = _lazily(lambda: Session(bundle, device="cpu", verify=False))
+    return Source(name, model, bundle, reference, origin, hints)
+
+
+def _lazily(open_session: Callable) -> Callable[[dict], dict]:
+    """A reference that opens its session when the parity gate first runs it, not while the
+    sources are read (so the models are not all held in memory during the passes)."""
     session = None
 
     def reference(feeds):
         nonlocal session
         if session is None:
-            from ..runtime.backends import OnnxGraph
-
-            session = OnnxGraph(path, "cpu")
+            session = open_session()
         return session.run(feeds)
 
-    return Source(name, model, path.parent, reference, str(path))
-
-
-def _bundle_source(name: str, bundle: Path, origin: str) -> Source:
-    from ..runtime.session import Session
-
-    session = Session(bundle, device="cpu")
-    graphs = session.manifest["graphs"]
-    if session.manifest["artifact"] != "onnx" or list(graphs) != ["model"]:
-        raise FusionError(
-            f"model {name!r}: {bundle} is a {session.manifest['artifact']} bundle with graphs "
-            f"{list(graphs)}; fusion takes ONNX bundles with one model graph (no pre-gating "
-            "router, no fused bundles)"
-        )
-    model = onnx.load(str(bundle / graphs["model"]["file"]), load_external_data=False)
-    hints = DECODER_DIMS if session.kind == "decoder" else {}
-    return Source(name, model, bundle, session.run, origin, hints)
+    return reference
 
 
 def _torch_source(name: str, spec: TorchModel, work: Path) -> Source:

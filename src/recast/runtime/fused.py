@@ -54,7 +54,7 @@ def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     """`model` reduced to the nodes, weights and inputs that `outputs` depend on."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    needed, stack, keep = set(), list(outputs), []
+    needed, stack = set(), list(outputs)
     while stack:
         name = stack.pop()
         if name in needed:
