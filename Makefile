@@ -2,18 +2,36 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/lock.txt
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup lock test-latest demo test test-all bench lint clean
 
 setup: $(STAMP)
 
-# Re-installs only when the package metadata or the pins change.
-$(STAMP): pyproject.toml constraints.txt
+# Installs the exact versions of the lock (every package, direct and transitive); re-installs
+# only when the package metadata or the lock change.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,demo]"
+	$(BIN)/python -m pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,demo]"
 	touch $(STAMP)
+
+# Re-pins the lock to the newest versions pyproject.toml allows (run on purpose, see README).
+lock:
+	PYTHON=$(PYTHON) scripts/fresh_venv.sh .venv-lock
+	{ grep '^#' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable \
+		| grep -v '^#' | sort -f; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+
+# The fast suite against the newest upstream releases, in a throwaway venv (not part of CI):
+# an upstream break shows here before users see it.
+test-latest:
+	PYTHON=$(PYTHON) scripts/fresh_venv.sh .venv-latest
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^#' \
+		| diff $(LOCK) - | grep '^[<>] [^#]' || echo "test-latest: same versions as the lock"
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
 
 # Convert (and export, see the recipe's export: section), export the dense source too, then
 # run both bundles with recast's runtime: parity and speed side by side, and an embedding.
@@ -46,4 +64,4 @@ lint: setup
 	$(BIN)/ruff format --check src tests scripts
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache

@@ -5,6 +5,7 @@ import torch
 
 import recast
 from recast.errors import RoutingError
+from recast.models.cache import cache_in, cache_keyword
 from recast.refactor.build import attach_routers, moe_layers
 from recast.routers.pregate import PregateNetwork
 from recast.routers.train import TrainSettings, routing_quality, train_routers
@@ -38,12 +39,73 @@ def test_pregate_is_causal_and_sees_only_token_ids(tiny_moe):
         torch.testing.assert_close(network(ids)[:, :6], network(changed)[:, :6])
 
 
-def test_pregate_generation_with_cache_matches_recomputation(tiny_moe):
+def greedy_by_recomputation(model, ids, steps):
+    """Greedy decoding that reruns the whole sequence at every step: no cache at all."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+# Each changes how generate feeds the backbone: the whole sequence each step, the prompt in
+# chunks, reordered beams, several drafted tokens at once (cropped when rejected).
+GENERATE_OPTIONS = {
+    "cache": {},
+    "no-cache": {"use_cache": False},
+    "chunked-prefill": {"prefill_chunk_size": 2},
+    "beams": {"num_beams": 4},
+    "prompt-lookup": {"prompt_lookup_num_tokens": 2},
+}
+
+
+@pytest.mark.parametrize("options", GENERATE_OPTIONS.values(), ids=GENERATE_OPTIONS)
+def test_pregate_generate_matches_recomputation(tiny_moe, options):
     moe = pregate_moe(tiny_moe)
-    prompt = token_batch(1, 5)
-    cached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
-    uncached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    # assisted decoding takes one row at a time
+    prompt = token_batch(1 if "prompt_lookup_num_tokens" in options else 2, 5)
+    generated = moe.generate(prompt, max_new_tokens=12, do_sample=False, **options)
+    if "num_beams" in options:  # beam search recomputed: the same search without a cache
+        expected = moe.generate(
+            prompt, max_new_tokens=12, do_sample=False, num_beams=4, use_cache=False
+        )
+    else:
+        expected = greedy_by_recomputation(moe, prompt, 12)
+    assert torch.equal(generated, expected)
+
+
+def test_pregate_generate_with_left_padding_matches_recomputation(tiny_moe):
+    moe = pregate_moe(tiny_moe)
+    prompt = token_batch(2, 6)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0  # the first row is a 3-token prompt, left padded
+    options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = moe.generate(prompt, **options)
+    assert torch.equal(cached, moe.generate(prompt, use_cache=False, **options))
+
+
+def test_pregate_hand_written_decode_loop_continues_its_cache(tiny_moe):
+    moe = pregate_moe(tiny_moe)
+    ids = token_batch(2, 5)
+    keyword = cache_keyword(moe)
+    with torch.no_grad():
+        out = moe(ids, use_cache=True)
+        sequence = ids
+        for _ in range(4):
+            sequence = torch.cat([sequence, out.logits[:, -1:].argmax(-1)], dim=1)
+            cache = cache_in(out.values())
+            out = moe(sequence[:, -1:], use_cache=True, **{keyword: cache})
+    sequence = torch.cat([sequence, out.logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(sequence, greedy_by_recomputation(moe, ids, 5))
+
+
+def test_pregate_refuses_a_cache_it_did_not_see_filled(tiny_moe):
+    moe = pregate_moe(tiny_moe)
+    other = pregate_moe(tiny_moe)
+    ids = token_batch(1, 5)
+    with torch.no_grad():
+        cache = cache_in(other(ids, use_cache=True).values())
+        with pytest.raises(RoutingError, match="cannot tell which 5 tokens this KV cache holds"):
+            moe(ids[:, -1:], **{cache_keyword(moe): cache})
 
 
 def test_pregate_cached_forward_matches_the_full_forward(tiny_moe):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 from transformers import DynamicCache
 
+from ..models.cache import cache_in, cache_keyword
 from ..models.families import family_for
 from ..refactor.build import moe_layers
 from ..routers.base import Routing, combine_weights
@@ -117,10 +118,11 @@ class DecoderGraph(_Backbone):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(self.model): cache},
         )
-        return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        # the cache is extended in place: it holds the presents
+        return out.logits, [(layer.keys, layer.values) for layer in cache.layers]
 
 
 @dataclass
@@ -135,11 +137,8 @@ class CacheShape:
 @torch.no_grad()
 def cache_shape(model: nn.Module) -> CacheShape:
     """Read off a one-token forward, so every family's cache layout is handled alike."""
-    network = pregate_network(model)
     ids = torch.zeros(1, 1, dtype=torch.long)
-    if network is not None:
-        network.history = None
-    cache = model(input_ids=ids, use_cache=True).past_key_values
+    cache = cache_in(model(input_ids=ids, use_cache=True).values())
     keys = cache.layers[0].keys
     return CacheShape(len(cache.layers), keys.shape[1], keys.shape[3])
 

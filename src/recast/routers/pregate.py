@@ -9,12 +9,15 @@ directions, so it begins with the backbone's notion of which tokens are alike.
 from __future__ import annotations
 
 import math
+import types
+import weakref
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import RoutingError
+from ..models.cache import cache_in
 from .base import ROUTERS, Router, RouterOptions, Routing, combine_weights
 
 
@@ -70,7 +73,10 @@ class PregateNetwork(nn.Module):
         self.norm = nn.LayerNorm(options.width)
         self.head = nn.Linear(options.width, num_experts)
         self.plan: Routing | None = None  # the routing of the backbone's current forward
-        self.history: Tensor | None = None  # token ids seen so far while generating
+        self.generating: Tensor | None = None  # generate's whole sequence for the next forward
+        self.last_sequence: Tensor | None = None  # what the current forward routed
+        # the token ids each live KV cache holds, for forwards that continue it
+        self.seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.given_plan: Routing | None = None  # set by exported graphs that take expert ids
 
     @torch.no_grad()
@@ -147,8 +153,10 @@ class PregateNetwork(nn.Module):
     def plan_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the backbone: route every token once, before any layer runs.
 
-        While generating with a KV cache the backbone sees only new tokens, so the ids seen
-        so far are kept and the router (which is causal) reruns on the whole prefix.
+        The router is causal: a token's experts depend on every token up to it. With a KV cache
+        the backbone sees only the new tokens, so the router is run on the whole sequence
+        behind them (see `sequence_behind`); no generate internals (argument names, how the
+        prompt is fed) are assumed.
         """
         if self.given_plan is not None:
             self.plan = self.given_plan
@@ -157,17 +165,49 @@ class PregateNetwork(nn.Module):
         if ids is None:
             self.plan = None
             return
-        past = kwargs.get("past_key_values")
-        cached = (
-            past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        )
-        if cached and self.history is not None and self.history.shape[0] == ids.shape[0]:
-            ids_so_far = torch.cat([self.history, ids], dim=1)
-        else:
-            ids_so_far = ids
-        self.history = ids_so_far.detach()
-        logits = self(ids_so_far)[:, -ids.shape[1] :]
+        sequence = self.sequence_behind(ids, cache_in((*args, *kwargs.values())))
+        self.generating, self.last_sequence = None, sequence
+        logits = self(sequence)[:, -ids.shape[1] :]
         self.plan = self.select(logits.reshape(-1, self.num_experts))
+
+    def sequence_behind(self, ids: Tensor, cache) -> Tensor:
+        """The token ids `[B, cached + n]` whose last n are `ids`: `ids` alone without a
+        filled cache; else the sequence `generate` holds (recorded by
+        `prepare_inputs_for_generation`, so beam search's reordered rows are right); else the
+        tokens that went into this cache object (chunked prefill, a hand-written decode loop),
+        cut to the cache's length (assisted decoding crops rejected tokens off it)."""
+        cached = cache.get_seq_length() if cache is not None else 0
+        if not cached:
+            return ids
+        batch, new = ids.shape
+        held = self.generating
+        if (
+            held is not None
+            and held.shape == (batch, cached + new)
+            and torch.equal(held[:, cached:], ids)
+        ):
+            return held
+        seen = self.seen.get(cache)
+        if seen is not None and seen.shape[0] == batch and seen.shape[1] >= cached:
+            return torch.cat([seen[:, :cached], ids], dim=1)
+        raise RoutingError(
+            f"the pre-gating router cannot tell which {cached} tokens this KV cache holds: "
+            f"continue from a cache that this model filled, or call it on the whole sequence"
+        )
+
+    def remember_cache(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Forward hook on the backbone: the cache it returns now holds `last_sequence`."""
+        cache = cache_in(output.values()) if hasattr(output, "values") else None
+        if cache is not None and self.last_sequence is not None:
+            self.seen[cache] = self.last_sequence.detach()
+        self.last_sequence = None
+
+
+def record_generation(model: nn.Module, input_ids: Tensor, *args, **kwargs):
+    """`prepare_inputs_for_generation` of pre-gated models: `generate` passes it the whole
+    sequence so far, which the router needs, before it cuts off what the cache holds."""
+    model.recast_router.generating = input_ids.detach()
+    return type(model).prepare_inputs_for_generation(model, input_ids, *args, **kwargs)
 
 
 @ROUTERS.register("pregate")
@@ -192,6 +232,9 @@ class PregateRouter(Router):
             network.init_from_embeddings(model.get_input_embeddings().weight)
         model.add_module("recast_router", network)
         model.base_model.register_forward_pre_hook(network.plan_hook, with_kwargs=True)
+        model.base_model.register_forward_hook(network.remember_cache, with_kwargs=True)
+        # bound to the model (an instance attribute), so copies of the model record their own
+        model.prepare_inputs_for_generation = types.MethodType(record_generation, model)
         for moe in moes:
             moe.router = cls(moe.num_experts, top_k, combine, network)
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Build a throwaway venv at $1 with recast and the newest versions of its dependencies that
+# pyproject.toml allows; torch stays on the 2.13.0 CPU wheel (any other spec downloads CUDA).
+# Used by `make lock` (to freeze them) and `make test-latest` (to test against them).
+set -euo pipefail
+venv=$1
+python=${PYTHON:-python3}
+rm -rf "$venv"
+"$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q torch==2.13.0
+"$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,demo]"
