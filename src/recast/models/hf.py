@@ -214,7 +214,10 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     except (OSError, safetensors.SafetensorError) as exc:
         raise FormatError(f"cannot read {path}: {exc}") from exc
     try:
-        result = model.load_state_dict(state, strict=False, assign=True)
+        # copied into the model's own tensors, not assigned: safetensors' tensors are views of
+        # one buffer at 8-byte offsets, and unaligned data takes other matmul kernels on some
+        # CPUs (results off by ~1e-6), so a loaded model would not compute bit for bit the same
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise FormatError(
             f"{path} does not match its config.json: {str(exc).splitlines()[0]}"
