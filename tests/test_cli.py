@@ -80,8 +80,10 @@ def test_existing_output_needs_overwrite(llama_dir, tmp_path, capsys):
     code, _, err = run_cli(["convert", recipe, "--out", out], capsys)
     assert_one_line_error(code, err, "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    code, _, _ = run_cli(["convert", recipe, "--out", out, "--overwrite", "--quiet"], capsys)
-    assert code == 0 and not (out / "keep.txt").exists()
+    # --overwrite replaces only what recast wrote (tests/test_output_safety.py)
+    code, _, err = run_cli(["convert", recipe, "--out", out, "--overwrite", "--quiet"], capsys)
+    assert_one_line_error(code, err, "not written by recast")
+    assert (out / "keep.txt").read_text() == "precious"
 
 
 def test_set_override_and_dry_run(tmp_path, capsys):
@@ -281,3 +283,40 @@ def test_recipe_export_section_writes_a_bundle(llama_dir, tmp_path, capsys):
     assert manifest["routing"]["router"]["kind"] == "layer"
     assert manifest["source"] == str(out) and "recipe.yaml" in manifest["files"]
     assert f"bundle (parity checked) in {bundle}" in stdout
+
+
+def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug(monkeypatch, capsys, tmp_path):
+    import recast.cli as cli
+
+    def broken(args):
+        raise ValueError("something recast did not foresee\nsecond line")
+
+    monkeypatch.setattr(cli, "_validate", broken)
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "recast: internal error: ValueError: something recast did not foresee (a bug in recast: "
+        "rerun with --debug and report the traceback)"
+    ]
+    with pytest.raises(ValueError):
+        main(["--debug", "validate", str(tmp_path / "r.yaml")])
+
+
+def test_sigterm_removes_the_staging_directory(tmp_path):
+    """A terminated run leaves no partial output: SIGTERM unwinds through the staging dir."""
+    script = f"""
+import os, signal
+import recast.cli as cli
+from recast.atomic import atomic_directory
+
+def export(args):
+    with atomic_directory({str(tmp_path / "out")!r}) as staging:
+        (staging / "half.onnx").write_text("partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+cli._export = export
+raise SystemExit(cli.main(["export", "m", "--out", "x"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 128 + 15, done.stderr
+    assert list(tmp_path.iterdir()) == []

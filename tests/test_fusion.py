@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import recast
 import recast.runtime
+from recast.atomic import MARKER
 from recast.cli import main
 from recast.errors import FusionError, OutputExistsError, ParityError, RuntimeInputError
 from recast.fusion import TorchModel
@@ -338,9 +339,10 @@ def test_wrong_fusion_fails_the_parity_gate_and_writes_nothing(tmp_path, weights
     # an existing bundle is kept when its replacement fails the gate
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / MARKER).write_text(json.dumps({"format": "recast-output"}))  # recast wrote it
     with pytest.raises(ParityError):
         recast.fuse({"a": a, "b": b}, out, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     assert staging_left(out) == []
 
 

@@ -134,6 +134,10 @@ def test_trace_and_simulate_commands(pregate_bundle, tmp_path, capsys):
     capsys.readouterr()
     assert main(["simulate", str(tmp_path / "missing.json")]) == 2
     assert "cannot read trace" in capsys.readouterr().err
+    more = ["--sequences", "100000", "--overwrite"]
+    assert main(["trace", str(pregate_bundle), "--out", str(out), *more]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ask for fewer --sequences or a shorter --length" in err[0]
 
 
 def test_layer_routed_bundles_cannot_record_routes(tmp_path):

@@ -6,12 +6,16 @@ import copy
 import tempfile
 from pathlib import Path
 
+import transformers
 from torch import nn
 
-from .models.families import family_for
-from .models.load import DenseModel, tokenizer_for, validate_layout
+from . import data
+from .errors import ModelLoadError, UnsupportedArchitectureError
+from .models.families import Family, family_for
+from .models.load import DenseModel, non_finite, tokenizer_for, validate_layout
 from .pipeline import recipe_fingerprint, transform
 from .recipe import load_recipe
+from .refactor.moe import MoEFFN
 from .refactor.recover import Checkpoints
 
 
@@ -43,8 +47,7 @@ def refactor(
     dense model. `calibration` is a text source (see `recast.data`) or `{domain: source}`.
     Calibrating needs a tokenizer: `tokenizer`, else the one saved at `model.name_or_path`.
     """
-    family = family_for(model.config.model_type)
-    validate_layout(model, family)
+    family = dense_family(model)
     recipe = load_recipe(
         {
             "name": "in-memory",
@@ -68,6 +71,7 @@ def refactor(
             "seed": seed,
         }
     )
+    data.check_sources(recipe.text_sources)
     if tokenizer is None and getattr(model, "name_or_path", ""):
         tokenizer = tokenizer_for(model.name_or_path)
     teacher = copy.deepcopy(model).eval() if recipe.recover.steps else None
@@ -81,3 +85,24 @@ def refactor(
             progress=progress,
         )
     return done.model
+
+
+def dense_family(model: nn.Module) -> Family:
+    """The family adapter of a dense transformers model with finite weights (raises before
+    any change for anything else: another module, an MoE, NaN weights)."""
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise UnsupportedArchitectureError(
+            f"refactor takes a transformers model (e.g. LlamaForCausalLM), got "
+            f"{type(model).__name__}; load one with transformers.AutoModel*.from_pretrained"
+        )
+    if any(isinstance(module, MoEFFN) for module in model.modules()):
+        raise UnsupportedArchitectureError(
+            "the model is already an MoE (converted by recast); refactor the dense model instead"
+        )
+    family = family_for(model.config.model_type)
+    validate_layout(model, family)
+    if (name := non_finite(model)) is not None:
+        raise ModelLoadError(
+            f"parameter {name} holds NaN or inf; refactor a model with finite weights"
+        )
+    return family

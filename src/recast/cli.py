@@ -6,12 +6,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
+EXPECT_SHA256_HELP = (
+    "refuse the bundle unless its manifest.json has this sha256 (printed by recast export and "
+    "recast inspect); the manifest's checksums then pin every file"
+)
+
+
+def _number(kind: type, accepts, meaning: str):
+    """An argparse `type=` that refuses, as a usage error, values outside `accepts`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}") from None
+        if not accepts(value):  # nan fails every comparison, so every check refuses it
+            raise argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a whole number > 0")
+non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "path", help="a recast output, a dense checkpoint directory or an exported bundle"
     )
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--expect-sha256", metavar="HEX", help=EXPECT_SHA256_HELP)
     inspect.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints")
 
     export = sub.add_parser(
@@ -159,14 +189,18 @@ def _parser() -> argparse.ArgumentParser:
         "--models", help="fused bundles: comma-separated models to run (only their work is done)"
     )
     run.add_argument("--save", metavar="NPZ", help="fused bundles: write the outputs to this .npz")
-    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --save file")
+    run.add_argument("--max-new-tokens", type=non_negative_int, default=32)
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, help="sampling seed")
+    run.add_argument("--temperature", type=positive_float, default=1.0)
+    run.add_argument("--top-p", type=probability, default=1.0)
+    run.add_argument("--seed", type=non_negative_int, help="sampling seed")
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     run.add_argument(
-        "--cache", type=int, metavar="N", help="offload bundles: keep at most N experts in memory"
+        "--cache",
+        type=positive_int,
+        metavar="N",
+        help="offload bundles: keep at most N experts in memory",
     )
     run.add_argument(
         "--memory-budget",
@@ -185,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="offload bundles: read each missed expert when it is needed, not ahead",
     )
+    run.add_argument("--expect-sha256", metavar="HEX", help=EXPECT_SHA256_HELP)
     run.add_argument("--json", action="store_true", help="print JSON")
 
     bench = sub.add_parser(
@@ -194,11 +229,13 @@ def _parser() -> argparse.ArgumentParser:
         "the baseline of the speedup column.",
     )
     bench.add_argument("bundles", nargs="+", help="bundle directories")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--length", type=int, default=64, help="prompt tokens")
-    bench.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (decoders)")
-    bench.add_argument("--repeat", type=int, default=20)
-    bench.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    bench.add_argument("--batch", type=positive_int, default=1)
+    bench.add_argument("--length", type=positive_int, default=64, help="prompt tokens")
+    bench.add_argument(
+        "--new-tokens", type=non_negative_int, default=32, help="decoded tokens (decoders)"
+    )
+    bench.add_argument("--repeat", type=positive_int, default=20)
+    bench.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--json", action="store_true", help="print JSON")
 
@@ -211,9 +248,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     trace.add_argument("bundle", help="a pre-gating bundle directory")
     trace.add_argument("--out", required=True, help="trace file to write")
-    trace.add_argument("--sequences", type=int, default=32, help="sequences of text")
-    trace.add_argument("--length", type=int, default=64, help="tokens per sequence")
-    trace.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    trace.add_argument("--overwrite", action="store_true", help="replace an existing trace file")
+    trace.add_argument("--sequences", type=positive_int, default=32, help="sequences of text")
+    trace.add_argument("--length", type=positive_int, default=64, help="tokens per sequence")
+    trace.add_argument("--batch", type=positive_int, default=8, help="sequences decoded together")
     trace.add_argument(
         "--prefill", action="store_true", help="one step per batch (default: one per token)"
     )
@@ -235,6 +273,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated capacities in experts (default: 1/8, 1/4, 1/2 and 3/4 of all)",
     )
     simulate.add_argument("--png", help="write a chart of hit rate against cache size")
+    simulate.add_argument("--overwrite", action="store_true", help="replace an existing --png")
     simulate.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -246,7 +285,7 @@ def _convert(args) -> int:
     if args.dry_run:
         print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
         return 0
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # under a launcher: once, by rank 0
         logging.basicConfig(level=logging.INFO, format="recast: %(message)s", stream=sys.stderr)
     result = convert(
         args.recipe,
@@ -287,7 +326,7 @@ def _inspect(args) -> int:
     from .runtime.manifest import MANIFEST, read_manifest, summary
 
     if (Path(args.path) / MANIFEST).is_file():  # a bundle: its manifest, checksums verified
-        manifest = read_manifest(Path(args.path))
+        manifest = read_manifest(Path(args.path), expect_sha256=args.expect_sha256)
         print(json.dumps(manifest, indent=2) if args.json else summary(Path(args.path), manifest))
         return 0
 
@@ -312,7 +351,7 @@ def _export(args) -> int:
     out = export(
         args.model, args.out, spec, overwrite=args.overwrite, trust_pickle=args.trust_pickle
     )
-    from .runtime.manifest import read_manifest
+    from .runtime.manifest import pin_line, read_manifest
 
     manifest = read_manifest(out, verify=False)
     parity = manifest["parity"]
@@ -322,15 +361,16 @@ def _export(args) -> int:
         f"{size:.1f} MiB; parity {parity['metric']} {parity['max_error']:.2e} "
         f"(tolerance {parity['tolerance']:g}) over {len(parity['cases'])} cases"
     )
+    print(pin_line(out))
     return 0
 
 
 def _quantize_setting(args):
     from .errors import RecipeError
 
-    if args.quantize and args.expert_budget_mb:
+    if args.quantize and args.expert_budget_mb is not None:
         raise RecipeError("give --quantize int8 or --expert-budget-mb, not both")
-    if args.expert_budget_mb:
+    if args.expert_budget_mb is not None:  # 0 too: the schema refuses it (it is not "none")
         return {"experts": {"budget_mb": args.expert_budget_mb}}
     return args.quantize
 
@@ -364,6 +404,7 @@ def _fuse(args) -> int:
 
 
 def _run_fused(session, args) -> int:
+    from .atomic import atomic_file, check_file
     from .errors import RuntimeInputError
     from .runtime.fused import example_feeds
 
@@ -377,9 +418,13 @@ def _run_fused(session, args) -> int:
         except (OSError, ValueError) as exc:
             raise RuntimeInputError(f"cannot read inputs {args.inputs}: {exc}") from exc
     models = args.models.split(",") if args.models else None
+    if args.save:
+        check_file(args.save, args.overwrite)  # before the run
     outputs = session.run(feeds, models=models)
     if args.save:
-        np.savez(args.save, **outputs)
+        # into an open file: given a name, numpy would append .npz to it (and to the temp's)
+        with atomic_file(args.save, args.overwrite) as temp, open(temp, "wb") as file:
+            np.savez(file, **outputs)
     if args.json:
         print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
         return 0
@@ -401,6 +446,7 @@ def _run(args) -> int:
         memory_budget=args.memory_budget,
         policy=args.policy,
         prefetch=not args.no_prefetch,
+        expect_sha256=args.expect_sha256,
     )
     if session.kind == "fused":
         if not (args.inputs is not None or args.example):
@@ -480,13 +526,15 @@ def _bench(args) -> int:
 
 
 def _trace(args) -> int:
+    from .atomic import check_file
     from .runtime import load
     from .runtime.simulate import builtin_batches, trace_from_routes
 
+    check_file(args.out, args.overwrite)  # before the routing work
     session = load(args.bundle, device="cpu")
     batches = builtin_batches(session, args.sequences, args.length, args.batch)
     trace = trace_from_routes(session, batches, decode=not args.prefill)
-    trace.save(args.out)
+    trace.save(args.out, overwrite=args.overwrite)
     print(
         f"{args.out}: {len(trace.steps)} steps, {trace.layers} layers x {trace.experts} experts, "
         f"{trace.unique_per_step():.1f} distinct experts per step"
@@ -495,9 +543,12 @@ def _trace(args) -> int:
 
 
 def _simulate(args) -> int:
+    from .atomic import check_file
     from .errors import TraceError
     from .runtime.simulate import Trace, simulate
 
+    if args.png:
+        check_file(args.png, args.overwrite, suffix=".png")  # before the simulation
     trace = Trace.load(args.trace_file)
     total = trace.layers * trace.experts
     try:
@@ -525,7 +576,7 @@ def _simulate(args) -> int:
         for r in results
     ]
     if args.png:
-        _hit_rate_chart(rows, total, args.png)
+        _hit_rate_chart(rows, total, args.png, args.overwrite)
     if args.json:
         print(json.dumps({"unique_experts_per_step": trace.unique_per_step(), "results": rows}))
         return 0
@@ -543,7 +594,8 @@ def _simulate(args) -> int:
     return 0
 
 
-def _hit_rate_chart(rows: list[dict], total: int, path: str) -> None:
+def _hit_rate_chart(rows: list[dict], total: int, path: str, overwrite: bool) -> None:
+    from .atomic import atomic_file
     from .errors import TraceError
 
     try:
@@ -561,12 +613,13 @@ def _hit_rate_chart(rows: list[dict], total: int, path: str) -> None:
     ax.set_ylabel("hit rate")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, overwrite, suffix=".png") as temp:
+        fig.savefig(temp, dpi=120)  # a PNG: the temp's name ends in .png too
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .errors import RecastError
+    from .errors import RecastError, ReportedElsewhereError
 
     if args.command not in ("run", "bench", "trace", "simulate"):  # these run without torch
         import transformers
@@ -584,16 +637,41 @@ def main(argv: list[str] | None = None) -> int:
         "trace": _trace,
         "simulate": _simulate,
     }
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
     try:
         return commands[args.command](args)
     except RecastError as exc:
         if args.debug:
             raise
-        print(f"recast: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, ReportedElsewhereError):  # the main process prints that one
+            print(f"recast: error: {exc}", file=sys.stderr)
+        if previous is not None and getattr(exc, "shared", False):
+            # What `finally` installs. Every process of a multi-process run exits 2 now, and
+            # torchrun's SIGTERM to the rest, sent once one has exited, must not kill them first.
+            previous = signal.SIG_IGN
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("recast: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a failure recast should have named: say so, in one line
+        if args.debug:
+            raise
+        first_line = next(iter(str(exc).splitlines()), "")
+        print(
+            f"recast: internal error: {type(exc).__name__}: {first_line} (a bug in recast: "
+            f"rerun with --debug and report the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    # as an exception, so that staging directories are removed on the way out
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ def load_documents(source: str) -> list[str]:
     return _texts(_load_dataset(source), source)
 
 
+def check_sources(sources: list[str]) -> None:
+    """Read every source once, so that one without text fails before any work starts."""
+    for source in sources:
+        load_documents(source)
+
+
 def _load_dataset(source: str) -> datasets.Dataset:
     import datasets  # lazily: importing it costs ~115 MiB and seconds
 
@@ -155,6 +161,8 @@ def _load_files(files: list[Path], source: str) -> datasets.Dataset:
     if len(builders) > 1:
         raise DataError(f"{source} mixes file kinds ({', '.join(sorted(builders))}); use one kind")
     builder = builders.pop()
+    if all(map(_blank, files)):  # `datasets` fails on these with its own errors, or none
+        raise _no_text(source)
     # A .txt line is too short to be a document and a whole file too coarse: use paragraphs.
     options = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
@@ -164,6 +172,24 @@ def _load_files(files: list[Path], source: str) -> datasets.Dataset:
     except datasets.exceptions.DatasetGenerationError as err:
         reason = " ".join(str(err.__cause__ or err).split())  # messages are one line
         raise DataError(f"cannot read {source} as {builder} ({reason}); fix the file") from err
+
+
+def _blank(file: Path) -> bool:
+    """Whether `file` holds only whitespace (read up to its first other byte)."""
+    try:
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                if chunk.strip():
+                    return False
+    except OSError as exc:
+        raise DataError(
+            f"cannot read {file} ({exc.strerror}); check that it is a readable file"
+        ) from exc
+    return True
+
+
+def _no_text(source: str) -> DataError:
+    return DataError(f"{source} holds no non-empty text; point it at a source with text")
 
 
 def _load_saved(path: Path, source: str) -> datasets.Dataset:
@@ -203,7 +229,7 @@ def _texts(dataset: datasets.Dataset, source: str) -> list[str]:
         )
     docs = [text.strip() for text in dataset["text"] if isinstance(text, str) and text.strip()]
     if not docs:
-        raise DataError(f"{source} holds no non-empty text; point it at a source with text")
+        raise _no_text(source)
     return docs
 
 

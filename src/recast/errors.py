@@ -74,3 +74,23 @@ class OffloadError(RecastError):
 
 class FusionError(RecastError):
     """Models cannot be fused as asked (an unknown source, mismatched shared inputs, control flow)."""
+
+
+class UnsafeOutputError(OutputExistsError):
+    """The output path exists and recast must not write there: a directory recast did not write,
+    a symlink, the working or home directory (or one containing them), or an input of the run."""
+
+
+class OutputWriteError(RecastError):
+    """The output cannot be written: its parent is not writable, or a write failed (disk full,
+    read-only file system)."""
+
+
+class TrainingError(RecastError):
+    """Training left NaN or inf in the model's weights (a learning rate too high, a loss that
+    diverged)."""
+
+
+class ReportedElsewhereError(RecastError):
+    """Another process of a multi-process run failed, and the main process reports why; the CLI
+    exits on it without printing the same line again."""

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from . import data
-from .atomic import atomic_directory, check_writable
-from .errors import ModelLoadError
+from .atomic import atomic_directory, check_output
+from .distributed import distributed_state, errors_shared, share_errors
+from .errors import ModelLoadError, TrainingError
 from .evaluate import (
     Report,
     count_parameters,
@@ -34,7 +35,7 @@ from .evaluate import (
 )
 from .models.families import Family
 from .models.hf import MoEInfo, write_model
-from .models.load import DenseModel, load_dense
+from .models.load import DenseModel, load_dense, non_finite
 from .models.stock import check_family, parity_check, write_stock
 from .models.surgery import dense_ffn, layer_modules
 from .recipe import Recipe, load_recipe
@@ -47,7 +48,7 @@ from .refactor.partition import (
     align_layers,
     partition_layer,
 )
-from .refactor.recover import Checkpoints, RecoverSettings, distributed_state, recover
+from .refactor.recover import Checkpoints, RecoverSettings, recover
 from .routers import ROUTERS
 from .routers.train import TrainSettings, oracle_routing, routing_quality, train_routers
 
@@ -328,6 +329,8 @@ def transform(
 
     `teacher` makes a fresh dense model for recovery (only called when recovery runs).
     """
+    positions = getattr(dense.model.config, "max_position_embeddings", None)
+    recipe.check_positions(positions, needs_calibration(recipe), evaluate)
     sequences = calibration_sequences(dense, recipe) if needs_calibration(recipe) else {}
     log.info("calibrating on %d sequences", sum(len(s) for s in sequences.values()))
     stats = calibration_stats(dense, recipe, sequences, progress)
@@ -361,6 +364,10 @@ def transform(
         probe = evaluator.sequences
     else:
         probe = pooled(sequences)[:8]
+    if (name := non_finite(model)) is not None:  # e.g. router.lr: 1e30 passes validation
+        raise TrainingError(
+            f"parameter {name} is NaN or inf after training; lower router.lr or recover.lr"
+        )
     return Transformed(model, partition, evaluator, probe, router_losses, before, recovery)
 
 
@@ -371,6 +378,7 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@errors_shared()  # under a launcher, an error on any process ends every one, reported once
 def convert(
     recipe: str | Path | dict | Recipe,
     *,
@@ -389,14 +397,18 @@ def convert(
     `resume=True` continues from there after a killed run. `on_round_end(i)` is called after
     round i is checkpointed.
     """
+    recipe_file = [Path(recipe)] if isinstance(recipe, (str, Path)) else []
     recipe = load_recipe(recipe, overrides)
     target = Path(out) if out else recipe.output_dir
     main_process = distributed_state().is_main_process
     bundle = export_dir(recipe, target)
-    if save:
-        check_writable(target, overwrite)  # fail before the expensive work
+    inputs = (Path(recipe.model).expanduser(), *recipe_file)  # never written over
+    if save and main_process:  # fail before the expensive work
+        check_output(target, overwrite, inputs)
         if bundle is not None:
-            check_writable(bundle, overwrite)
+            check_output(bundle, overwrite, (*inputs, target))
+    data.check_sources(recipe.text_sources)  # before loading: unused sources are checked too
+    share_errors(None)  # the main process's refusal stops the others before their work, too
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
@@ -409,7 +421,7 @@ def convert(
         teacher=lambda: load_dense(recipe.model, trust_pickle=trust_pickle).model,
         checkpoints=checkpoints,
         resume=resume,
-        progress=progress,
+        progress=progress and main_process,  # one set of progress bars
         on_round_end=on_round_end,
     )
     model, evaluator = done.model, done.evaluator
@@ -435,7 +447,7 @@ def convert(
     )
     result = ConversionResult(model, done.partition, report, recipe, None, dense.tokenizer)
     if save and main_process:
-        with atomic_directory(target, overwrite) as staging:
+        with atomic_directory(target, overwrite, inputs) as staging:
             write_output(model, dense, recipe, staging, done.probe, report)
         result.output_dir = target
         if bundle is not None:
@@ -450,6 +462,7 @@ def convert(
                 recipe_yaml=recipe.to_yaml(),
                 source=str(target),
                 overwrite=overwrite,
+                inputs=(*inputs, target),
             )
     if main_process:
         checkpoints.remove()  # the run succeeded: nothing left to resume

@@ -6,6 +6,7 @@ recipe came from a file, the YAML line. The resolved recipe is written next to e
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,10 @@ def _check_options(
 ) -> None:
     """Validate a component's `options` against its schema; a ValueError (which pydantic
     places under the field path) names the key and suggests the closest known one."""
+    # Option schemas are the components' own models: refuse non-finite numbers as Section does.
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{key}: Input should be a finite number for {owner}")
     try:
         schema(**options)
     except ValidationError as exc:
@@ -49,7 +54,9 @@ def _check_options(
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf passes open ranges (lr > 0) and nan fails ranges with a misleading message
+    # ("should be less than 1"): refuse both as not finite.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CalibrationSpec(Section):
@@ -196,6 +203,12 @@ class ExportSpec(Section):
     offload: bool = False  # also store each expert on its own (experts/), for expert caching
     dir: str | None = None  # default: <output dir>-<format>
 
+    @field_validator("quantize", mode="wrap")
+    @classmethod
+    def _quantize_kind(cls, value, handler):
+        # A mapping can only mean per-expert bitwidths: its errors, not "should be 'int8'".
+        return QuantizeSpec.model_validate(value) if isinstance(value, dict) else handler(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> ExportSpec:
         if self.quantize is not None and (self.format != "onnx" or self.target != "cpu"):
@@ -231,7 +244,7 @@ class Recipe(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     export: ExportSpec | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # what torch and numpy seeding accept
 
     @field_validator("name")
     @classmethod
@@ -298,6 +311,28 @@ class Recipe(Section):
     def output_dir(self) -> Path:
         return Path(self.output.dir) if self.output.dir else Path("exported") / self.name
 
+    @property
+    def text_sources(self) -> list[str]:
+        """Every text source the recipe names, whether or not this run reads it."""
+        domains = list((self.calibration.domains or {}).values())
+        return list(dict.fromkeys([self.calibration.data, *domains, self.evaluate.data]))
+
+    def check_positions(self, positions: int | None, calibrating: bool, evaluating: bool) -> None:
+        """Refuse the sequence lengths a run uses beyond the model's `positions` (its
+        max_position_embeddings): BERT fails on them, rotary models never saw them."""
+        cal, ev = self.calibration, self.evaluate
+        lengths = {"calibration.seq_len": cal.seq_len} if calibrating else {}
+        if evaluating and ev.enabled:
+            lengths["evaluate.seq_len" if ev.seq_len else "calibration.seq_len"] = (
+                ev.seq_len or cal.seq_len
+            )
+        for key, length in lengths.items():
+            if positions is not None and length > positions:
+                raise RecipeError(
+                    f"{key} is {length}, beyond the model's max_position_embeddings "
+                    f"({positions}); set {key} to at most {positions}"
+                )
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -315,7 +350,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {key}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(
+                f"--set {key}: {raw!r} is not a valid YAML value ({getattr(exc, 'problem', exc)}); "
+                f"give a YAML scalar or list such as 4, 0.5 or [a, b]"
+            ) from None
     return data
 
 

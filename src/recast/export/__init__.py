@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..atomic import check_output
 from ..recipe import ExportSpec, export_spec
 from .bundle import export_bundle
 
@@ -25,9 +26,11 @@ def export(
     """Export a model object, a recast output directory or a dense checkpoint (a directory,
     `package:<module>` or a hub id) to a parity-checked bundle at `out`."""
     spec = export_spec(spec)
-    recipe_yaml, source = None, "<in-memory>"
+    recipe_yaml, source, inputs = None, "<in-memory>", ()
     if not isinstance(model, nn.Module):
         source = str(model)
+        inputs = (Path(source).expanduser(),)
+        check_output(Path(out), overwrite, inputs)  # before loading the model
         model, tokenizer, recipe_yaml = load_for_export(source, trust_pickle)
     return export_bundle(
         model,
@@ -37,6 +40,7 @@ def export(
         recipe_yaml=recipe_yaml,
         source=source,
         overwrite=overwrite,
+        inputs=inputs,
     )
 
 

@@ -8,6 +8,7 @@
       router.onnx(.data)   pre-gating models: token ids -> expert ids and weights
       tokenizer.json ...   the source model's tokenizer
       recipe.yaml          the resolved recipe, when the model came from a conversion
+      .recast-output       the marker of a directory recast wrote (see recast.atomic)
 
 Everything is written to a staging directory; the parity gate runs the staged bundle with the
 runtime against the torch model, and only a bundle that passes is renamed into place.
@@ -49,15 +50,20 @@ def export_bundle(
     recipe_yaml: str | None = None,
     source: str = "<in-memory>",
     overwrite: bool = False,
+    inputs: tuple[Path, ...] = (),
 ) -> Path:
-    """Export `model` (dense or recast MoE, fp32) to a verified bundle at `out`."""
+    """Export `model` (dense or recast MoE, fp32) to a verified bundle at `out`; `inputs` are
+    the paths it was read from (never written over)."""
     spec = spec or ExportSpec()
     model = model.eval()
     _check_exportable(model, spec)
     for moe in moe_layers(model):  # padded neurons: zero weights, so no mask is needed
         moe.bank.zero_padding()
     out = Path(out)
-    with atomic_directory(out, overwrite) as staging, tempfile.TemporaryDirectory() as work:
+    with (
+        atomic_directory(out, overwrite, inputs) as staging,
+        tempfile.TemporaryDirectory() as work,
+    ):
         graphs = _write_graphs(model, staging, Path(work), spec, tokenizer)
         if spec.offload:
             write_expert_store(model, staging)

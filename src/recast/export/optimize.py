@@ -7,13 +7,19 @@ onnxruntime applies anyway when a session opens the graph.
 
 from __future__ import annotations
 
+import errno
+import re
 from collections import Counter
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from ..runtime.backends import providers_for
+
+# How onnxruntime says it could not save the optimized graph (its external initializers).
+WRITE_FAILED = re.compile(r"Failed to (write|open for writing)")
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -34,7 +40,15 @@ def optimize(source: Path, target_path: Path, target: str, level: str = "extende
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )
-    ort.InferenceSession(str(source), options, providers=providers_for(target))
+    try:
+        ort.InferenceSession(str(source), options, providers=providers_for(target))
+    except Fail as exc:
+        if not WRITE_FAILED.search(str(exc)):
+            raise
+        # onnxruntime gives no errno; as an OSError about the file, the output's
+        # atomic_directory reports it as one OutputWriteError naming the output
+        reason = "onnxruntime could not write the graph's weights (is the disk full?)"
+        raise OSError(errno.EIO, reason, str(target_path)) from exc
     return {"nodes_before": op_counts(source), "nodes_after": op_counts(target_path)}
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, atomic_file
 from ..errors import FusionError
 from ..export.bundle import onnx_io
 from ..export.optimize import op_counts, optimize
@@ -57,7 +58,8 @@ def fuse(
     """Fuse `models` ({name: ONNX file | bundle | checkpoint | {source, outputs} |
     TorchModel | (module, example_inputs)}) into one bundle at `out`. `shared_inputs`
     ({fused input: ["model/input", ...]}) replaces the default (inputs of one name, dtype and
-    shape are one input); `skip` names passes not to run; `png` draws the fused DAG."""
+    shape are one input); `skip` names passes not to run; `png` draws the fused DAG (a .png
+    file, replaced only with `overwrite`)."""
     if len(models) < 2:
         raise FusionError("fusion needs at least two models")
     unknown = [p for p in skip if p not in GRAPH_PASSES]
@@ -71,7 +73,14 @@ def fuse(
         if not cuda_usable():
             raise FusionError("target cuda needs a usable CUDA device here; fuse for cpu")
     out = Path(out)
-    with atomic_directory(out, overwrite) as staging, tempfile.TemporaryDirectory() as tmp:
+    inputs = [path for path in map(_source_path, models.values()) if path is not None]
+    # The drawing is renamed into place after the bundle, so a failed fusion leaves neither.
+    drawing = nullcontext() if png is None else atomic_file(png, overwrite, suffix=".png")
+    with (
+        drawing as png_temp,
+        atomic_directory(out, overwrite, inputs) as staging,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         work = Path(tmp)
         sources = {}
         for name, spec in models.items():
@@ -92,9 +101,15 @@ def fuse(
         session = Session(staging, device=target, verify=False)
         manifest["parity"] = check_fused_parity(session, sources, fusion)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if png is not None:
-            draw(graph, owners, png)
+        if png_temp is not None:
+            draw(graph, owners, png_temp)
     return out
+
+
+def _source_path(spec) -> Path | None:
+    """The path a model spec reads (an input the output must not be written over), if any."""
+    spec = spec.get("source") if isinstance(spec, dict) else spec
+    return Path(spec).expanduser() if isinstance(spec, (str, Path)) else None
 
 
 def _fused_graph(sources: dict[str, Source], shared_inputs, skip) -> tuple[FusionGraph, dict]:
@@ -148,6 +163,7 @@ def _fusion_record(graph: FusionGraph, sources: dict[str, Source], report: dict)
             "outputs": {
                 out.split("/", 1)[1]: out for out in graph.outputs if out.startswith(f"{name}/")
             },
+            "max_positions": source.max_positions,
         }
     dims = {}
     for source in sources.values():

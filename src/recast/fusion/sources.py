@@ -51,6 +51,7 @@ class Source:
     origin: str
     dim_hints: dict = field(default_factory=dict)
     outputs: list[str] | None = None  # the outputs to keep (None: all)
+    max_positions: int | None = None  # a bundle's longest sequence, checked at run time
 
 
 def load_source(name: str, spec, work: Path, trust_pickle: bool = False) -> Source:
@@ -139,7 +140,8 @@ def _bundle_source(name: str, bundle: Path, origin: str) -> Source:
     model = onnx.load(str(bundle / graphs["model"]["file"]), load_external_data=False)
     hints = DECODER_DIMS if manifest["kind"] == "decoder" else {}
     reference = _lazily(lambda: Session(bundle, device="cpu", verify=False))
-    return Source(name, model, bundle, reference, origin, hints)
+    longest = (manifest["model"] or {}).get("max_positions")  # a fused bundle has no model
+    return Source(name, model, bundle, reference, origin, hints, max_positions=longest)
 
 
 def _lazily(open_session: Callable) -> Callable[[dict], dict]:

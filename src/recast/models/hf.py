@@ -103,7 +103,8 @@ def info_of(model: nn.Module) -> MoEInfo:
 def save(
     model: nn.Module, directory: str | Path, *, overwrite: bool = False, tokenizer=None
 ) -> Path:
-    """Write `model` in the recast format (atomically; refuses a non-empty dir unless overwrite)."""
+    """Write `model` in the recast format (atomically; replaces a non-empty dir only with
+    `overwrite`, and only one recast wrote)."""
     with atomic_directory(Path(directory), overwrite) as staging:
         write_model(model, staging, tokenizer)
     return Path(directory)

@@ -39,7 +39,7 @@ class DenseModel:
 
 def resolve_source(spec: str) -> str:
     """A local directory for `spec`: a path, `package:<module>` (a pip-installed model), or a
-    hub id passed through unchanged (transformers resolves it, online or from its cache)."""
+    hub id: its cached snapshot, else the id itself once the Hub is known to have it."""
     if spec.startswith("package:"):
         return str(_package_model_dir(spec.removeprefix("package:")))
     path = Path(spec).expanduser()
@@ -55,7 +55,34 @@ def resolve_source(spec: str) -> str:
         raise ModelLoadError(
             f"model path {spec!r} does not exist; check recipe key 'model' (or build it first)"
         )
-    return spec
+    return _hub_checkpoint(spec)
+
+
+def _hub_checkpoint(repo_id: str) -> str:
+    """The cached snapshot of a hub model with weights, else the id for transformers to
+    download; fails at once when the Hub is off or unreachable (transformers would retry
+    for half a minute first)."""
+    import huggingface_hub
+
+    for name in (*SAFE_WEIGHTS, *PICKLE_WEIGHTS):
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, name)
+        if isinstance(cached, str):  # (not the marker of a file known to be absent)
+            return str(Path(cached).parent)
+    missing = f"model {repo_id!r} is not a local directory, nor in the Hugging Face cache"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"{missing}, and HF_HUB_OFFLINE is set; download it while online or give a path"
+        )
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)  # one request, no retries
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise ModelLoadError(f"{missing}, nor on the Hub; check recipe key 'model'") from None
+    except Exception as exc:  # the Hub client's transport errors are not part of its API
+        raise ModelLoadError(
+            f"{missing}, and the Hub cannot be reached ({_first_line(exc)}); connect, or give "
+            f"a local path"
+        ) from exc
+    return repo_id
 
 
 def _package_model_dir(module_name: str) -> Path:
@@ -99,18 +126,34 @@ def load_dense(
     family = family_for(config.model_type)
     if Path(source).is_dir():
         check_weight_files(Path(source), trust_pickle)
+    from ..export.onnx import quiet
+
     auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
+    # Mismatched shapes are reported, not raised, so that check_keys can name the tensor.
+    strict = dict(dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)
     try:
         state = read_safetensors(Path(source)) if Path(source).is_dir() else None
-        if state is not None:
-            model_cls = (MODEL_FOR_CAUSAL_LM_MAPPING if family.causal_lm else MODEL_MAPPING)[
-                type(config)
-            ]
-            model = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-        else:
-            model = auto.from_pretrained(source, dtype=dtype, weights_only=True)
+        # Its load report is many lines, check_keys says what matters in one. (Silencing
+        # transformers.modeling_utils alone would make it log the tensor-parallel plan.)
+        with quiet("transformers"):
+            if state is not None:
+                model_cls = (MODEL_FOR_CAUSAL_LM_MAPPING if family.causal_lm else MODEL_MAPPING)[
+                    type(config)
+                ]
+                model, info = model_cls.from_pretrained(
+                    None, config=config, state_dict=state, **strict
+                )
+            else:
+                model, info = auto.from_pretrained(source, weights_only=True, **strict)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # corrupt files surface as many types (SafetensorError, EOFError...)
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from exc
+    check_keys(info, spec)
+    if (name := non_finite(model)) is not None:
+        raise ModelLoadError(
+            f"tensor {name} of {spec!r} holds NaN or inf; fix or re-export the checkpoint"
+        )
     validate_layout(model, family)
     return DenseModel(model.eval(), family, tokenizer_for(source), spec)
 
@@ -131,9 +174,40 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor] | None:
         return None
     state = {}
     for name in files:
+        try:  # safetensors' own errors for these are misleading ("No such device")
+            (directory / name).open("rb").close()
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot read {directory / name} ({exc.strerror}); it must be a readable "
+                f"safetensors file"
+            ) from exc
         with safetensors.safe_open(str(directory / name), framework="pt", backend="pread") as f:
             state.update({key: f.get_tensor(key) for key in f.keys()})
     return state
+
+
+def check_keys(info: dict, spec: str) -> None:
+    """Refuse tensors of the wrong shape, missing (transformers would initialise them randomly)
+    or unexpected (weights of another architecture); tied weights are not counted missing."""
+    if info["mismatched_keys"]:
+        key, found, expected = min(info["mismatched_keys"])
+        raise ModelLoadError(
+            f"tensor {key} of {spec!r} has shape {list(found)} but the model's config expects "
+            f"{list(expected)}; the weights and config.json do not match"
+        )
+    for field, problem in (("missing_keys", "lacks"), ("unexpected_keys", "has an unknown")):
+        keys = sorted(info[field])
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ModelLoadError(
+                f"{spec!r} {problem} tensor {keys[0]}{more}; the checkpoint is incomplete or "
+                f"not of the architecture its config.json names"
+            )
+
+
+def non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf (None: all finite)."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
 
 
 def validate_layout(model: nn.Module, family: Family) -> None:

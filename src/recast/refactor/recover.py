@@ -6,7 +6,8 @@ the oracle of the current experts. The learning rate shrinks every round. Expert
 train LoRA adapters on the stacked expert tensors (peft `target_parameters`), merged back into
 the experts when the round ends.
 
-Rounds run through accelerate: one process by default, or several under `accelerate launch`.
+Rounds run through accelerate: one process by default, or several under `accelerate launch` or
+`torchrun`, each training on its own shard of every step's batches.
 After every round the student's weights are checkpointed, so a killed run resumes at the start
 of the round it was in and, since each round draws its data from its own seed, ends with the
 same weights as an uninterrupted run.
@@ -24,24 +25,16 @@ from pathlib import Path
 import peft
 import safetensors.torch
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..distributed import distributed_state, share_errors, weights_digest
 from ..errors import RecastError
-from ..routers.train import TrainSettings, train_routers
+from ..routers.train import TrainSettings, train_routers, trainable_parameters
 from .calibrate import padded_batches
 from .moe import MoEFFN
-
-
-def distributed_state() -> PartialState:
-    """The process group of this run, set up as `Accelerator()` would set it up.
-
-    Asked for first with accelerate's defaults, the state would ignore ACCELERATE_USE_CPU and
-    every CPU process of a multi-process launch would think it runs alone.
-    """
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class RecoverError(RecastError):
@@ -133,19 +126,33 @@ class Checkpoints:
             raise ResumeError(
                 f"--resume: no recovery checkpoint in {self.directory}; run without --resume"
             )
-        state = json.loads(progress.read_text())
-        if state["fingerprint"] != self.fingerprint:
+        try:
+            state = json.loads(progress.read_text())
+            fingerprint, rounds_done = state["fingerprint"], state["rounds_done"]
+            if type(rounds_done) is not int or rounds_done < 0:
+                raise ValueError(f"rounds_done is {rounds_done!r}")
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise self._corrupt(progress, exc) from exc
+        if fingerprint != self.fingerprint:
             raise ResumeError(
                 f"--resume: the checkpoint in {self.directory} is from a different recipe; "
                 f"run without --resume to start over"
             )
-        return state["rounds_done"]
+        return rounds_done
 
     def load(self, model: nn.Module, rounds_done: int) -> None:
-        state = safetensors.torch.load_file(
-            str(self.directory / f"round-{rounds_done - 1}.safetensors")
+        path = self.directory / f"round-{rounds_done - 1}.safetensors"
+        try:
+            model.load_state_dict(safetensors.torch.load_file(str(path)), strict=False)
+        except (OSError, safetensors.SafetensorError, RuntimeError) as exc:  # RuntimeError: shapes
+            raise self._corrupt(path, exc) from exc
+
+    def _corrupt(self, path: Path, exc: Exception) -> ResumeError:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return ResumeError(
+            f"--resume: {path} is missing or corrupt ({reason}); remove {self.directory} or "
+            f"run without --resume"
         )
-        model.load_state_dict(state, strict=False)
 
     def save(self, model: nn.Module, round_index: int) -> None:
         from ..models.hf import untied_state
@@ -267,6 +274,7 @@ def recover(
     """
     if not sequences:
         raise RecoverError("recovery needs training text, but calibration produced no sequences")
+    distributed_state()  # before Accelerator(), which would make a state of its own
     accelerator = Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
     )
@@ -278,6 +286,9 @@ def recover(
     if done:
         checkpoints.load(student, done)
     log = {"rounds": [], "resumed_after": done, "processes": accelerator.num_processes}
+    # Training is the processes' first collective: an error one of them raised before it (say,
+    # in calibration) ends every process here rather than leaving the others waiting in it.
+    share_errors(None)
     for index in range(done, len(plan)):
         seed = settings.seed * 1000 + index
         if plan[index] == "experts":
@@ -293,6 +304,11 @@ def recover(
             losses = train_routers(
                 student, sequences, router, pad_id, progress and accelerator.is_main_process
             )
+            # Each process fits the router alone, on all the text, and GPU kernels need not agree
+            # to the bit (embedding gradients are summed in any order): all keep the main's fit.
+            if accelerator.num_processes > 1:
+                for p in trainable_parameters(student):
+                    torch.distributed.broadcast(p.data, src=0)
         log["rounds"].append(
             {"kind": plan[index], "lr": lr, "first_loss": losses[0], "last_loss": losses[-1]}
         )
@@ -303,6 +319,14 @@ def recover(
             on_round_end(index)
     for p in student.parameters():
         p.requires_grad_(False)
+    # Averaged gradients and the shared router fit keep the processes' weights equal, bit for
+    # bit: checked, not assumed.
+    log["weights_sha256"] = gather_object([weights_digest(student)])
+    if len(set(log["weights_sha256"])) > 1:
+        raise RecoverError(
+            f"the {accelerator.num_processes} processes ended recovery with different weights "
+            f"(sha256 {', '.join(d[:12] for d in log['weights_sha256'])}); run with one process"
+        )
     student.to("cpu")
     teacher.to("cpu")
     return log

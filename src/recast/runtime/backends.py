@@ -18,6 +18,16 @@ ONNX_DTYPES = {
 }  # fmt: skip
 
 
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's exception classes (InvalidProtobuf, Fail, ...: they share no base class
+    but Exception), for callers to translate."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(
+        v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)
+    )
+
+
 def providers_for(device: str | None) -> list[str]:
     """onnxruntime providers for `device`; None picks CUDA when onnxruntime offers it."""
     import onnxruntime as ort
@@ -87,8 +97,8 @@ class OnnxGraph:
 
 
 class Pt2Graph:
-    """A `torch.export` program, or its AOTInductor package when the bundle has one; needs
-    torch (and recast's export ops for MoE graphs)."""
+    """A `torch.export` program, or its AOTInductor package when the bundle has one (`path`
+    is then the package's); needs torch (and recast's export ops for MoE graphs)."""
 
     def __init__(self, path: Path, spec: dict, device: str | None):
         import torch
@@ -100,7 +110,7 @@ class Pt2Graph:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise DeviceUnavailableError("device 'cuda' needs a CUDA build of torch and a GPU")
         if spec.get("compiled"):  # an AOTInductor package: compiled kernels, same signature
-            self.module = torch._inductor.aoti_load_package(str(path.parent / spec["compiled"]))
+            self.module = torch._inductor.aoti_load_package(str(path))
         else:
             # guards are replaced by the session's input checks and the export's parity gate
             # (see recast.export.pt2)

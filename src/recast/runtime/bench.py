@@ -6,7 +6,8 @@ import time
 
 import numpy as np
 
-from .generate import Sampling, decode_loop
+from ..errors import RuntimeInputError
+from .generate import Sampling, check_count, decode_loop
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -20,11 +21,21 @@ def measure(
     """Prefill latency percentiles over `repeat` runs (after one warm-up) of `batch x length`
     random tokens; for decoders also decode throughput over `new_tokens` greedy steps (the
     end-of-sequence token is ignored so every run decodes the same number of tokens)."""
+    if session.kind == "fused":
+        raise RuntimeInputError("bench times decoder and encoder bundles; this one is fused")
+    for name, value in [("batch", batch), ("length", length), ("repeat", repeat)]:
+        check_count(name, value, least=1)
+    check_count("new_tokens", new_tokens)
     rng = np.random.default_rng(0)
     vocab = session.model_info["vocab_size"]
     longest = session.model_info["max_positions"] or length + new_tokens
     if session.kind == "decoder":
         length = min(length, longest - new_tokens)
+        if length < 1:
+            raise RuntimeInputError(
+                f"new_tokens ({new_tokens}) leaves no room for a prompt in the model's "
+                f"{longest} positions; decode fewer tokens"
+            )
     else:
         length = min(length, longest)
     ids = rng.integers(0, vocab, (batch, length), dtype=np.int64)
@@ -37,7 +48,8 @@ def measure(
     result = {"batch": batch, "length": length, "prefill": percentiles(prefill)}
     if session.kind == "decoder" and new_tokens:
         runs = max(1, repeat // 4)
-        decode_loop(session, ids, 2, Sampling(), [])  # warm-up of the cached path
+        # warm-up of the cached path (one token decodes none: then the prompt may fill the model)
+        decode_loop(session, ids, min(2, new_tokens), Sampling(), [])
         total = 0.0
         for _ in range(runs):
             start = time.perf_counter()

@@ -22,6 +22,7 @@ import functools
 import json
 import mmap
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OffloadError
+from .manifest import MANIFEST, bundle_file, read_manifest
 from .simulate import Belady, choose_victim, make_policy
 
 STORE_DIR = "experts"
@@ -93,14 +95,23 @@ class _Layer:
 
 
 class ExpertStore:
-    """Read-only, memory-mapped access to a bundle's per-expert weights."""
+    """Read-only, memory-mapped access to a bundle's per-expert weights: the layer files its
+    manifest lists (read, and verified, from the bundle unless a session passes its own)."""
 
-    def __init__(self, bundle: str | Path, cold: bool = False):
-        directory = Path(bundle) / STORE_DIR
-        files = sorted(directory.glob("layer_*.safetensors"))
-        if not files:
+    def __init__(self, bundle: str | Path, cold: bool = False, manifest: dict | None = None):
+        bundle = Path(bundle)
+        if manifest is None:  # a directory without one is no bundle: it lists no store
+            manifest = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {"files": {}}
+        layers = {
+            int(match[1]): name
+            for name in manifest["files"]
+            if (match := re.fullmatch(rf"{STORE_DIR}/layer_(\d+)\.safetensors", name))
+        }
+        if not layers:
             raise OffloadError(f"{bundle} has no {STORE_DIR}/ store; export it with offload: true")
-        self.files = {int(path.stem.removeprefix("layer_")): _Layer(path) for path in files}
+        self.files = {
+            layer: _Layer(bundle_file(bundle, name, manifest)) for layer, name in layers.items()
+        }
         self.layers = sorted(self.files)
         self.cold = cold and hasattr(os, "posix_fadvise")
 

@@ -16,14 +16,15 @@ import onnx
 
 from ..errors import RuntimeInputError
 from .backends import OnnxGraph
+from .manifest import bundle_file
 
 SIZES = [(1, 1), (2, 7), (3, 12)]  # per case: the sizes given to the 1st, 2nd, ... symbolic dim
 
 
 class FusedRunner:
     def __init__(self, bundle: Path, manifest: dict, device: str | None, threads: int | None):
-        self.bundle, self.device, self.threads = bundle, device, threads
-        self.spec = manifest["graphs"]["model"]
+        self.device, self.threads = device, threads
+        self.path = bundle_file(bundle, manifest["graphs"]["model"]["file"], manifest)
         self.fusion = manifest["fusion"]
         self.models = list(self.fusion["models"])
         self.graphs: dict[tuple[str, ...], OnnxGraph] = {}
@@ -41,12 +42,14 @@ class FusedRunner:
         """The session for `models` (all by default), opened on first use."""
         key = tuple(self.models if models is None else sorted(set(models)))
         if key not in self.graphs:
-            path = self.bundle / self.spec["file"]
             if key == tuple(self.models):
-                self.graphs[key] = OnnxGraph(path, self.device, self.threads)
+                self.graphs[key] = OnnxGraph(self.path, self.device, self.threads)
             else:
-                pruned = prune(onnx.load(str(path), load_external_data=False), self.outputs_of(key))
-                self.graphs[key] = OnnxGraph(pruned, self.device, self.threads, folder=path.parent)
+                whole = onnx.load(str(self.path), load_external_data=False)
+                pruned = prune(whole, self.outputs_of(key))
+                self.graphs[key] = OnnxGraph(
+                    pruned, self.device, self.threads, folder=self.path.parent
+                )
         return self.graphs[key]
 
 
@@ -121,6 +124,22 @@ def check_ranges(inputs: list[dict], feeds: dict[str, np.ndarray]) -> None:
                 f"{name} holds {bad}, outside [{values[0]}, {values[1]}) (the rows of the table "
                 "it indexes); use the model's tokenizer"
             )
+
+
+def check_lengths(fusion: dict, models: list[str], feeds: dict[str, np.ndarray]) -> None:
+    """A sequence longer than a model's position table fails deep inside onnxruntime: the
+    lengths its bundle recorded are checked first (its mask spans the cache too, as in
+    `Session`)."""
+    for model in models:
+        entry = fusion["models"][model]
+        longest = entry.get("max_positions")  # absent from bundles fused before it was recorded
+        for name in ("input_ids", "attention_mask"):
+            fed = feeds.get(entry["inputs"].get(name))
+            if longest and fed is not None and fed.shape[-1] > longest:
+                raise RuntimeInputError(
+                    f"{entry['inputs'][name]} spans {fed.shape[-1]} positions; model {model!r} "
+                    f"takes at most {longest}; truncate the input"
+                )
 
 
 def describe(fusion: dict) -> list[str]:

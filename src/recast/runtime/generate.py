@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import RuntimeInputError
+
+
+def is_number(value) -> bool:
+    """A real number (Python's or numpy's), not a bool, a string or None."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_count(name: str, value, least: int = 0) -> None:
+    """`value` must be a whole number >= `least` (1.5, True and "3" are refused, not rounded)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+        raise RuntimeInputError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
 @dataclass
@@ -18,18 +30,25 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+        # `not 0 < x` also refuses nan, which compares false with everything
+        if not is_number(self.temperature) or not 0 < self.temperature < math.inf:
             raise RuntimeInputError(
-                f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
+                f"temperature must be a finite number > 0, got {self.temperature!r}"
             )
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise RuntimeInputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None:
+            check_count("seed", self.seed)
         self.rng = np.random.default_rng(self.seed)
 
     def pick(self, logits: np.ndarray) -> np.ndarray:
         """Next token per row of `logits [B, V]`: argmax, or a nucleus sample."""
         if not self.do_sample:
             return logits.argmax(-1)
-        scaled = logits.astype(np.float64) / self.temperature
-        probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+        # shifted before scaling: a tiny temperature then sends the others to -inf, not to nan
+        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        with np.errstate(over="ignore"):
+            probs = np.exp(shifted / self.temperature)
         probs /= probs.sum(-1, keepdims=True)
         order = np.argsort(-probs, axis=-1)
         sorted_probs = np.take_along_axis(probs, order, -1)
@@ -108,8 +127,7 @@ def decode_loop(session, ids: np.ndarray, max_new_tokens: int, sampling: Samplin
     """`ids [B, T]` followed by up to `max_new_tokens` tokens per row; rows that produced an
     end-of-sequence token are padded with it while the others go on. Sets `session.timings`:
     the prefill's seconds and the decode steps' count and seconds."""
-    if max_new_tokens < 0:
-        raise RuntimeInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_count("max_new_tokens", max_new_tokens)
     total = ids.shape[1] + max_new_tokens
     longest = session.model_info["max_positions"]
     if longest and total > longest:

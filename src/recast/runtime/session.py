@@ -8,14 +8,15 @@ before onnxruntime sees them, so a wrong dtype or an out-of-vocabulary id is a o
 from __future__ import annotations
 
 from pathlib import Path
+from zipfile import BadZipFile
 
 import numpy as np
 
 from ..errors import BundleIntegrityError, RuntimeInputError
-from .backends import OnnxGraph, Pt2Graph
+from .backends import OnnxGraph, Pt2Graph, onnxruntime_errors
 from .fused import FusedRunner
-from .generate import Sampling, decode_loop
-from .manifest import read_manifest
+from .generate import Sampling, check_count, decode_loop
+from .manifest import bundle_file, read_manifest
 
 
 class Session:
@@ -25,7 +26,9 @@ class Session:
     or a size such as "300MB", for the whole model: the resident weights are taken off it),
     evicting by `policy` (lru, lfu, belady) and reading experts ahead when `prefetch`;
     `cold` drops evicted experts from the OS page cache too (a miss then reads storage).
-    `experts="resident"` keeps all of an offload bundle's experts in memory."""
+    `experts="resident"` keeps all of an offload bundle's experts in memory. `expect_sha256`
+    pins the bundle: its manifest.json must have that sha256 (what `recast inspect` prints),
+    and the manifest's checksums pin every file (with `verify`)."""
 
     def __init__(
         self,
@@ -40,9 +43,16 @@ class Session:
         cold: bool = False,
         experts: str | None = None,
         models: list[str] | None = None,
+        expect_sha256: str | None = None,
     ):
+        if device not in (None, "cpu", "cuda"):
+            raise RuntimeInputError(
+                f"device must be 'cpu' or 'cuda' (None: cuda when present), got {device!r}"
+            )
+        if threads is not None:
+            check_count("threads", threads, least=1)
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle, verify=verify)
+        self.manifest = read_manifest(self.bundle, verify=verify, expect_sha256=expect_sha256)
         self.kind = self.manifest["kind"]  # "decoder" | "encoder" | "fused"
         self.model_info = self.manifest["model"]
         self.routing = self.manifest.get("routing")
@@ -84,7 +94,7 @@ class Session:
         from .experts import ExpertCache, ExpertStore
         from .profile import expert_budget
 
-        store = ExpertStore(self.bundle, cold=cold)
+        store = ExpertStore(self.bundle, cold=cold, manifest=self.manifest)
         if cache is None and memory_budget is None:
             cache = len(store.layers) * self.routing["experts"]
         budget = None if memory_budget is None else expert_budget(self.manifest, memory_budget)
@@ -99,9 +109,11 @@ class Session:
         return {**vars(stats), "hit_rate": stats.hit_rate, "capacity": self.experts.capacity}
 
     def _open(self, spec: dict, device: str | None, threads: int | None):
-        path = self.bundle / spec["file"]
         if self.manifest["artifact"] == "pt2":
-            return self._guarded(Pt2Graph, path, spec, device)
+            # with --compile, the AOTInductor package runs instead of the program
+            program = bundle_file(self.bundle, spec.get("compiled") or spec["file"], self.manifest)
+            return self._guarded(Pt2Graph, program, spec, device)
+        path = bundle_file(self.bundle, spec["file"], self.manifest)
         if spec["file"].startswith("router"):
             # small: one thread, so no second spinning thread pool competes with the
             # backbone's right after it
@@ -112,20 +124,28 @@ class Session:
     def _guarded(self, opener, *args, **kwargs):
         try:
             return opener(*args, **kwargs)
-        except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unverified damaged file
+        except (OSError, RuntimeError, ValueError, BadZipFile, *onnxruntime_errors()) as exc:
+            # e.g. an unverified damaged file, a pt2 file that is no archive (the tuple is
+            # built only once something was raised, so onnxruntime stays a lazy import)
             raise BundleIntegrityError(f"{self.bundle} cannot be loaded: {exc}") from exc
 
     def _tokenizer(self):
-        path = self.bundle / "tokenizer.json"
-        if not path.is_file():
-            return None
         if "tokenizer.json" not in self.manifest["files"]:
-            raise BundleIntegrityError(
-                f"{path} is not in the manifest (added after export?); export the bundle again"
-            )
+            if (self.bundle / "tokenizer.json").exists():  # it would decide every token id
+                raise BundleIntegrityError(
+                    f"{self.bundle / 'tokenizer.json'} is not in the manifest (added after "
+                    "export?); export the bundle again"
+                )
+            return None
+        path = bundle_file(self.bundle, "tokenizer.json", self.manifest)
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(path))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exceptions (malformed JSON, I/O)
+            raise BundleIntegrityError(
+                f"{path} is not a readable tokenizer ({exc}); export the bundle again"
+            ) from exc
         # tokenizer.json may carry a padding / truncation setup (MiniLM's pads to 128):
         # `encode` pads to the batch and truncates to the model's maximum itself
         tokenizer.no_padding()
@@ -156,7 +176,7 @@ class Session:
         return self.graphs[graph].run(feeds)
 
     def _run_fused(self, feeds: dict, models: list[str]) -> dict[str, np.ndarray]:
-        from .fused import check_ranges
+        from .fused import check_lengths, check_ranges
 
         graph = self._guarded(self.fused.graph, models)
         known = {i["name"] for i in self.fused.fusion["inputs"]}
@@ -168,6 +188,7 @@ class Session:
         feeds = {n: v for n, v in feeds.items() if n in graph.inputs}
         self._check_feeds(feeds, graph.inputs)
         check_ranges(self.fused.fusion["inputs"], feeds)
+        check_lengths(self.fused.fusion, models, feeds)
         return graph.run(feeds)
 
     def _check_feeds(self, feeds: dict, expected: dict) -> None:
@@ -191,11 +212,20 @@ class Session:
 
     def _check_ids(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         vocab, longest = self.model_info["vocab_size"], self.model_info["max_positions"]
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        if not ids.size:
+            raise RuntimeInputError(
+                f"input_ids is empty (shape {ids.shape}); give at least one token per row"
+            )
+        if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
             raise RuntimeInputError(
                 f"token id {bad} is outside the vocabulary of {vocab}; "
                 "use the bundle's tokenizer (tokenizer.json)"
+            )
+        odd = None if mask is None else mask[(mask != 0) & (mask != 1)]
+        if odd is not None and odd.size:
+            raise RuntimeInputError(
+                f"attention_mask holds {odd[0]}; it takes 1 for a token and 0 for padding only"
             )
         length = mask.shape[-1] if mask is not None else ids.shape[-1]
         if longest and length > longest:
@@ -210,7 +240,7 @@ class Session:
         """Pre-gating bundles: every layer's experts for `input_ids`, before the backbone:
         `expert_indices`, `expert_weights` and `cache`, which routes the tokens that follow
         `input_ids` without rerunning them (pass it back with those tokens)."""
-        ids = as_ids(input_ids)
+        ids = as_batch(input_ids)
         cache = cache if cache is not None else self._empty("router_cache", ids.shape[0])
         out = self.run({"input_ids": ids, **cache}, graph="router")
         return {
@@ -223,8 +253,9 @@ class Session:
         """`logits` (decoders) or `last_hidden_state` (encoders) for a batch of token ids."""
         if self.fused is not None:
             raise RuntimeInputError("a fused bundle holds several models: call run(feeds)")
-        ids = as_ids(input_ids)
-        mask = np.ones_like(ids) if attention_mask is None else as_ids(attention_mask)
+        ids = as_batch(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else attention_mask
+        mask = as_batch(mask, "attention_mask")
         if mask.shape != ids.shape:
             raise RuntimeInputError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
         feeds = {"input_ids": ids, "attention_mask": mask}
@@ -283,12 +314,20 @@ class Session:
         }
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask (right padded) for `texts` with the bundle tokenizer."""
+        """Token ids and attention mask (right padded) for `texts` with the bundle tokenizer;
+        every text must be a non-empty, valid UTF-8 string."""
         if self.tokenizer is None:
             raise RuntimeInputError("this bundle has no tokenizer.json; pass token ids instead")
+        if not isinstance(texts, (list, tuple)) or not texts:
+            raise RuntimeInputError(f"give a list of one or more texts, got {texts!r:.60}")
+        for text in texts:
+            _check_text(text)
         encodings = self.tokenizer.encode_batch(list(texts))
         longest = self.model_info["max_positions"] or max(len(e.ids) for e in encodings)
         rows = [e.ids[:longest] for e in encodings]
+        for text, row in zip(texts, rows, strict=True):
+            if not row:
+                raise RuntimeInputError(f"text {text!r:.60} has no tokens; give non-empty text")
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.model_info["pad_token_id"], np.int64)
         mask = np.zeros((len(rows), width), np.int64)
@@ -297,8 +336,9 @@ class Session:
         return ids, mask
 
     def embed(self, texts: list[str] | str) -> np.ndarray:
-        """Encoders: mean-pooled, L2-normalised sentence embeddings `[N, hidden]`
-        (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
+        """Encoders: mean-pooled, L2-normalised sentence embeddings `[N, hidden]` of a list of
+        texts, or `[1, hidden]` of a single string (the sentence-transformers recipe of
+        all-MiniLM-L6-v2). Texts must be non-empty strings."""
         if self.kind != "encoder":
             raise RuntimeInputError(f"embed() needs an encoder bundle; this one is {self.kind}")
         ids, mask = self.encode([texts] if isinstance(texts, str) else texts)
@@ -322,8 +362,8 @@ class Session:
             raise RuntimeInputError(f"generate() needs a decoder bundle; this one is {self.kind}")
         text = isinstance(prompt, str)
         ids = self.encode([prompt])[0] if text else as_ids(prompt)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = as_batch(ids[None] if ids.ndim == 1 else ids)
+        self._check_ids(ids, None)  # also when max_new_tokens=0 runs nothing
         sampling = Sampling(do_sample, temperature, top_p, seed)
         out = decode_loop(self, ids, max_new_tokens, sampling, self.model_info["eos_token_ids"])
         if text:
@@ -340,12 +380,42 @@ def _presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def as_ids(values) -> np.ndarray:
-    """Token ids as int64, refusing what cannot be ids (floats, strings)."""
-    array = np.asarray(values)
-    if array.dtype.kind not in "iu" and not (array.dtype.kind == "b"):
-        raise RuntimeInputError(f"token ids must be integers, got {array.dtype}")
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise RuntimeInputError(f"texts must be strings, got {type(text).__name__} {text!r:.60}")
+    if not text:
+        raise RuntimeInputError("text '' is empty; give some text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of argv or a file arrive as lone surrogates
+        raise RuntimeInputError(
+            f"text {text!r:.60} is not valid UTF-8; convert it to UTF-8 first"
+        ) from None
+
+
+def as_ids(values, name: str = "token ids") -> np.ndarray:
+    """Token ids as int64, refusing what cannot be ids (floats, strings, ragged rows); an empty
+    list passes (numpy makes it float) for the callers' emptiness checks to name."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # rows of different lengths
+        raise RuntimeInputError(
+            f"{name} must be rows of equal length; pad them and mark the padding in attention_mask"
+        ) from None
+    if array.dtype.kind not in "iub" and array.size:
+        raise RuntimeInputError(f"{name} must be integers, got {array.dtype}")
     return array.astype(np.int64)
+
+
+def as_batch(values, name: str = "input_ids") -> np.ndarray:
+    """`as_ids` for a `[batch, sequence]` array."""
+    array = as_ids(values, name)
+    if array.ndim != 2:
+        raise RuntimeInputError(
+            f"{name} must be a [batch, sequence] array, got shape {array.shape}; "
+            "wrap a single sequence as [ids]"
+        )
+    return array
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -354,8 +424,10 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 
 def load(bundle: str | Path, device: str | None = None, **options) -> Session:
-    """Open an exported bundle: checksums verified, CUDA used when present (else CPU).
-    `options` are `Session`'s: `verify`, `threads`, and for offload bundles `experts`,
+    """Open an exported bundle: checksums verified, on `device` "cpu" or "cuda" (None: CUDA
+    when present, else the CPU).
+    `options` are `Session`'s: `verify`, `threads`, `expect_sha256` (the manifest's sha256
+    that `recast inspect` prints: pins the whole bundle), and for offload bundles `experts`,
     `cache`, `memory_budget`, `policy`, `prefetch` and `cold` (all experts cached by default),
     and for fused bundles `models` (open only the part of the graph those models need)."""
     return Session(bundle, device, **options)

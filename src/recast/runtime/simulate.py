@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..errors import TraceError
 
 TRACE_FORMAT, TRACE_VERSION = "recast-trace", 1
@@ -64,7 +65,9 @@ class Trace:
             return 0.0
         return float(np.mean([sum(len(set(used)) for used in step) for step in self.steps]))
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the trace file (atomically; an existing file is replaced only with
+        `overwrite`)."""
         path = Path(path)
         data = {
             "format": TRACE_FORMAT,
@@ -75,7 +78,8 @@ class Trace:
             "source": self.source,
             "steps": self.steps,
         }
-        path.write_text(json.dumps(data))
+        with atomic_file(path, overwrite) as temp:
+            temp.write_text(json.dumps(data))
         return path
 
     @classmethod
@@ -248,6 +252,11 @@ def builtin_batches(session, sequences: int = 32, length: int = 64, batch: int =
         ids.extend(session.tokenizer.encode(text, add_special_tokens=False).ids)
         if len(ids) >= sequences * length:
             break
+    else:
+        raise TraceError(
+            f"the built-in text gives {len(ids) // length} sequences of {length} tokens with "
+            f"this tokenizer, not {sequences}; ask for fewer --sequences or a shorter --length"
+        )
     rows = np.array(ids[: sequences * length], dtype=np.int64).reshape(-1, length)
     return [rows[i : i + batch] for i in range(0, len(rows), batch)]
 

@@ -1,0 +1,100 @@
+"""The processes of a run under a launcher (torchrun, accelerate launch).
+
+Every process runs every stage on the same data with the same seeds, recovery trains them
+together (each on its own shard, gradients averaged), and only the main process writes. A
+RecastError raised on any process is shared with the others where a block of work ends
+(`errors_shared`): the main process raises it, once, and the others raise
+`ReportedElsewhereError`, which the CLI turns into exit code 2 without printing it again. A
+process that fails in any other way exits at once; the launcher then ends the others.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from torch import nn
+
+from .errors import RecastError, ReportedElsewhereError
+
+# Errors are shared over a group of their own, with a long timeout: the other processes wait
+# there while the main one evaluates, writes and exports, which can outlast the default group's
+# 30 minutes (kept for training, where a wait that long means a hang). A process that dies
+# closes its connections, which ends any wait for it at once.
+WAIT = timedelta(hours=24)
+_errors_group = None  # made with the process group, by `distributed_state`
+
+
+def distributed_state() -> PartialState:
+    """The process group of this run, set up as `Accelerator()` would set it up.
+
+    Asked for first with accelerate's defaults, the state would ignore ACCELERATE_USE_CPU, and on
+    a machine whose devices have no multi-process backend (no GPU, or only MPS) accelerate
+    leaves every launched process alone: those runs are asked for again on the CPU (gloo).
+    """
+    global _errors_group
+    started = torch.distributed.is_initialized()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and state.num_processes == 1:
+        PartialState._reset_state()
+        state = PartialState(cpu=True)
+    if not started and torch.distributed.is_initialized():
+        _errors_group = torch.distributed.new_group(backend="gloo", timeout=WAIT)
+        atexit.register(_end_process_group)  # torch warns about a group left open at exit
+    return state
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_initialized():  # unless the caller ended it
+        torch.distributed.destroy_process_group()
+
+
+def share_errors(error: RecastError | None) -> None:
+    """A point every process reaches: raise the first error any of them brings (the error itself
+    on the main process, ReportedElsewhereError on the others), or return if none does."""
+    state = distributed_state()
+    if state.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    errors = [None] * state.num_processes
+    torch.distributed.all_gather_object(errors, error, group=_errors_group)
+    error = next((e for e in errors if e is not None), None)
+    if error is None:
+        return
+    if not state.is_main_process:
+        error = ReportedElsewhereError(f"{error} (the main process reports it)")
+    error.shared = True  # raised on every process: blocks around this one pass it on
+    raise error
+
+
+@contextmanager
+def errors_shared() -> Iterator[None]:
+    """Run a block on every process; a RecastError raised in it on any of them is raised on all
+    of them when the block ends."""
+    try:
+        yield
+    except RecastError as exc:
+        if getattr(exc, "shared", False):
+            raise
+        share_errors(exc)
+    else:
+        share_errors(None)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's saved tensors: equal digests are bitwise equal weights."""
+    from .models.hf import untied_state
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(untied_state(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
