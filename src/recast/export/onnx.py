@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
 from ..errors import ExportError
+from ..logs import quiet
 from .graphs import Traceable
 from .ops import translation_table
 
@@ -58,20 +55,3 @@ def _name_axes(path: Path, traceable: Traceable) -> None:
             if dim.dim_param in wanted:
                 dim.dim_param = wanted[dim.dim_param]
     onnx.save(model, str(path))
-
-
-@contextlib.contextmanager
-def quiet(*loggers: str):
-    """Silence third-party chatter for the duration: stdout, warnings, and `loggers` below
-    ERROR (levels restored after). recast reports its own progress."""
-    noisy = [logging.getLogger(name) for name in loggers]
-    levels = [logger.level for logger in noisy]
-    for logger in noisy:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(noisy, levels, strict=True):
-            logger.setLevel(level)

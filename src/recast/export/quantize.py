@@ -11,7 +11,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from ..errors import ExportError
-from .onnx import quiet
+from ..logs import quiet
 
 
 def router_nodes(raw: Path) -> list[str]:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..errors import ModelLoadError, PickleCheckpointError
+from ..logs import quiet
 from .families import Family, family_for
 from .surgery import dense_ffn, layer_modules
 
@@ -126,8 +127,6 @@ def load_dense(
     family = family_for(config.model_type)
     if Path(source).is_dir():
         check_weight_files(Path(source), trust_pickle)
-    from ..export.onnx import quiet
-
     auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
     # Mismatched shapes are reported, not raised, so that check_keys can name the tensor.
     strict = dict(dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)
