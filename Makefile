@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(LOCK)
 lock:
 	PYTHON=$(PYTHON) scripts/fresh_venv.sh .venv-lock
 	{ grep '^#' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable \
-		| grep -v '^#' | sort -f; } > $(LOCK).new
+		| grep -v '^#' | LC_ALL=C sort -f; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
 
@@ -29,7 +29,7 @@ lock:
 # an upstream break shows here before users see it.
 test-latest:
 	PYTHON=$(PYTHON) scripts/fresh_venv.sh .venv-latest
-	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^#' \
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^#' | LC_ALL=C sort -f \
 		| diff $(LOCK) - | grep '^[<>] [^#]' || echo "test-latest: same versions as the lock"
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
 

@@ -8,5 +8,5 @@ python=${PYTHON:-python3}
 rm -rf "$venv"
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q torch==2.13.0
-"$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,demo]"
+# torch is named again in the upgrade: the eager strategy would otherwise move it too
+"$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,demo]" torch==2.13.0

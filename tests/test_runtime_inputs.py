@@ -262,3 +262,26 @@ def test_cli_refuses_bad_inputs_with_one_line(bundles, capsys, command, kind, re
     code, out, err = run_cli([command, bundles[kind], *rest], capsys)
     assert_one_line_error(code, err, fragment)
     assert out == ""
+
+
+def test_an_onnxruntime_failure_while_running_is_a_runtime_input_error(tmp_path):
+    """What the session's checks cannot judge (here: shapes that do not broadcast) is still
+    one typed error, not onnxruntime's exception."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from recast.runtime.backends import OnnxGraph
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor("bias", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.save(model, tmp_path / "add.onnx")
+    session = OnnxGraph(tmp_path / "add.onnx", "cpu")
+    np.testing.assert_array_equal(session.run({"x": np.zeros(3, np.float32)})["y"], [1, 2, 3])
+    with pytest.raises(RuntimeInputError, match="onnxruntime cannot run the graph on these inputs"):
+        session.run({"x": np.zeros(4, np.float32)})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DeviceUnavailableError
+from ..errors import DeviceUnavailableError, RuntimeInputError
 
 ONNX_DTYPES = {
     f"tensor({name})": np.dtype(numpy_name).type
@@ -93,7 +93,19 @@ class OnnxGraph:
         return self.session.get_providers()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        import onnxruntime as ort
+
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is raised below, in one line
+        try:
+            outputs = self.session.run(None, feeds, quiet)
+        except onnxruntime_errors() as exc:  # inputs the session's checks could not judge
+            reason = next(iter(str(exc).splitlines()), "")
+            raise RuntimeInputError(
+                f"onnxruntime cannot run the graph on these inputs ({reason}); check their "
+                "shapes against the bundle's inputs (recast inspect)"
+            ) from exc
+        return dict(zip(self.output_names, outputs, strict=True))
 
 
 class Pt2Graph:
