@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import safetensors.torch
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from safetensors import SafetensorError
 
@@ -201,6 +202,18 @@ def test_disk_full_during_convert_is_one_line_and_leaves_nothing(
     code, _, err = run_cli(["convert", recipe, "--out", out, "--quiet"], capsys)
     assert_one_line_error(code, err, f"cannot write {out}: No space left on device")
     assert [p.name for p in tmp_path.iterdir()] == ["r.yaml"]  # no output, no staging
+
+
+@pytest.mark.parametrize(
+    "failing", [no_space, safetensors_no_space], ids=["OSError", "safetensors"]
+)
+def test_disk_full_while_checkpointing_recovery_is_one_error(failing, tmp_path, monkeypatch):
+    from recast.refactor.recover import Checkpoints
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    checkpoints = Checkpoints(tmp_path / ".out.recover", "fingerprint")
+    with pytest.raises(OutputWriteError, match="out.recover: No space left on device"):
+        checkpoints.save(torch.nn.Linear(2, 2), 0)
 
 
 def test_onnxruntime_write_failure_is_one_line(tmp_path):

@@ -96,12 +96,12 @@ def atomic_directory(
     target = Path(target)
     inputs = tuple(inputs)
     check_output(target, overwrite, inputs)
-    with _write_errors(target):
+    with write_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(target.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with _write_errors(target, staging):
+        with write_errors(target, staging):
             _mark(staging)
             yield staging
             check_output(target, overwrite, inputs)  # someone may have written it while we worked
@@ -117,7 +117,7 @@ def atomic_file(path: Path, overwrite: bool = False, suffix: str = "") -> Iterat
     removed. The temp path ends like `path` (libraries choose the format by the extension)."""
     path = Path(path)
     check_file(path, overwrite, suffix)
-    with _write_errors(path):
+    with write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(
             prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
@@ -125,7 +125,7 @@ def atomic_file(path: Path, overwrite: bool = False, suffix: str = "") -> Iterat
         os.close(handle)
     temp = Path(name)
     try:
-        with _write_errors(path, temp):
+        with write_errors(path, temp):
             yield temp
             check_file(path, overwrite, suffix)
             temp.chmod(0o666 & ~_umask())  # mkstemp's file is private (0600); outputs are not
@@ -198,7 +198,7 @@ def _check_parent(target: Path) -> None:
 
 
 @contextmanager
-def _write_errors(target: Path, temp: Path | None = None) -> Iterator[None]:
+def write_errors(target: Path, temp: Path | None = None) -> Iterator[None]:
     """A failed write becomes one OutputWriteError naming `target`: any OSError when `temp` is
     None, else one from the file system (WRITE_ERRNOS) or about a file under `temp`, and
     safetensors' I/O errors."""

@@ -30,6 +30,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..atomic import write_errors
 from ..distributed import distributed_state, share_errors, weights_digest
 from ..errors import RecastError
 from ..routers.train import TrainSettings, train_routers, trainable_parameters
@@ -157,12 +158,13 @@ class Checkpoints:
     def save(self, model: nn.Module, round_index: int) -> None:
         from ..models.hf import untied_state
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"round-{round_index}.safetensors"
-        safetensors.torch.save_file(untied_state(model), str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").rename(path)
-        progress = {"fingerprint": self.fingerprint, "rounds_done": round_index + 1}
-        (self.directory / "progress.json").write_text(json.dumps(progress))
+        with write_errors(self.directory):  # e.g. a full disk: one line, not a traceback
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"round-{round_index}.safetensors"
+            safetensors.torch.save_file(untied_state(model), str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").rename(path)
+            progress = {"fingerprint": self.fingerprint, "rounds_done": round_index + 1}
+            (self.directory / "progress.json").write_text(json.dumps(progress))
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
