@@ -16,7 +16,6 @@ runtime against the torch model, and only a bundle that passes is renamed into p
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..models.families import family_for
 from ..recipe import ExportSpec, QuantizeSpec
 from ..refactor.build import moe_layers
 from ..runtime.experts import store_file
-from ..runtime.manifest import BUNDLE_FORMAT_VERSION, MANIFEST, file_records
+from ..runtime.manifest import BUNDLE_FORMAT_VERSION, file_records, write_manifest
 from ..runtime.profile import measure_profile
 from ..runtime.session import Session
 from .graphs import cache_shape, is_decoder, pregate_network, traceables
@@ -73,11 +72,11 @@ def export_bundle(
             (staging / "recipe.yaml").write_text(recipe_yaml)
         manifest = _manifest(model, spec, graphs, source)
         manifest["files"] = file_records(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest)
         session = Session(staging, device=spec.target, verify=False)
         manifest["parity"] = check_parity(model, session, tokenizer)
         manifest["profile"] = measure_profile(session)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest)
     return out
 
 

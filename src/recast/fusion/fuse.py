@@ -11,7 +11,6 @@ the fused graph equal the model's own (the parity gate), staged and renamed like
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from contextlib import nullcontext
@@ -23,7 +22,7 @@ from ..atomic import atomic_directory, atomic_file
 from ..errors import FusionError
 from ..export.bundle import onnx_io
 from ..export.optimize import op_counts, optimize
-from ..runtime.manifest import BUNDLE_FORMAT_VERSION, MANIFEST, file_records
+from ..runtime.manifest import BUNDLE_FORMAT_VERSION, file_records, write_manifest
 from ..runtime.session import Session
 from .graph import FusionGraph
 from .parity import check_fused_parity
@@ -96,11 +95,11 @@ def fuse(
         report["optimized_ops"] = sum(op_counts(staging / "model.onnx").values())
         fusion = _fusion_record(graph, sources, report)
         manifest = _manifest(staging, sources, fusion, target)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest)
         log.info("checking every model's outputs against the model alone")
         session = Session(staging, device=target, verify=False)
         manifest["parity"] = check_fused_parity(session, sources, fusion)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest)
         if png_temp is not None:
             draw(graph, owners, png_temp)
     return out

@@ -49,6 +49,13 @@ def file_records(directory: Path) -> dict[str, dict]:
     }
 
 
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write `manifest.json`, checked against the schema the runtime reads it with, so that a
+    writer drifting from the schema fails at export, not in a user's load."""
+    Manifest.model_validate(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
 def read_manifest(bundle: Path, verify: bool = True, expect_sha256: str | None = None) -> dict:
     """The bundle's manifest, checked against the schema, with every file its graphs name
     (external data included) a listed bundle file; with `verify`, every listed file must
