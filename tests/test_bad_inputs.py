@@ -28,12 +28,14 @@ from recast.errors import (
     TrainingError,
     UnsupportedArchitectureError,
 )
+from recast.export.settings import export_spec
 from recast.models.load import load_dense
-from recast.recipe import Recipe, RouterSpec, export_spec, load_recipe
+from recast.recipe import Recipe, load_recipe
+from recast.recover import Checkpoints, ResumeError
 from recast.refactor.moe import MoEFFN
 from recast.refactor.partition import STRATEGIES
-from recast.refactor.recover import Checkpoints, ResumeError
 from recast.routers import ROUTERS
+from recast.routers.train import RouterSpec
 from test_cli import assert_one_line_error, run_cli, write_recipe
 from test_docs import _nested_model, all_recipe_keys
 from tiny_models import convert_tiny, save_checkpoint, tiny_model, tiny_tokenizer

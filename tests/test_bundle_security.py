@@ -17,8 +17,9 @@ import recast
 import recast.runtime
 from recast.errors import BundleIntegrityError
 from recast.runtime import manifest as manifest_module
+from recast.runtime.describe import summary
 from recast.runtime.experts import ExpertStore
-from recast.runtime.manifest import file_records, manifest_sha256, summary
+from recast.runtime.manifest import file_records, manifest_sha256
 from test_cli import assert_one_line_error, run_cli
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 

@@ -286,12 +286,12 @@ def test_recipe_export_section_writes_a_bundle(llama_dir, tmp_path, capsys):
 
 
 def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug(monkeypatch, capsys, tmp_path):
-    import recast.cli as cli
+    import recast.cli.validate as validate_command
 
     def broken(args):
         raise ValueError("something recast did not foresee\nsecond line")
 
-    monkeypatch.setattr(cli, "_validate", broken)
+    monkeypatch.setattr(validate_command, "run", broken)
     assert main(["validate", str(tmp_path / "r.yaml")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -307,6 +307,7 @@ def test_sigterm_removes_the_staging_directory(tmp_path):
     script = f"""
 import os, signal
 import recast.cli as cli
+import recast.cli.export as export_command
 from recast.atomic import atomic_directory
 
 def export(args):
@@ -314,9 +315,48 @@ def export(args):
         (staging / "half.onnx").write_text("partial")
         os.kill(os.getpid(), signal.SIGTERM)
 
-cli._export = export
+export_command.run = export
 raise SystemExit(cli.main(["export", "m", "--out", "x"]))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 128 + 15, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_needs_no_torch():
+    """`recast --help` and every command's `--help` work where torch, transformers, onnx and
+    pydantic cannot be imported: the handlers import the library, the parsers do not."""
+    script = """
+import sys
+for name in ("torch", "transformers", "onnx", "pydantic"):
+    sys.modules[name] = None  # importing it now raises ImportError
+from recast.cli import main
+commands = "convert validate inspect export fuse run bench trace simulate".split()
+for command in [[], *([c] for c in commands)]:
+    try:
+        main([*command, "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0, (command, exc.code)
+print("help ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("help ok")
+
+
+def test_help_imports_no_torch():
+    """With everything installed, `recast --help` and a command's help still load no torch
+    (importing recast is light: its public names import their modules on first use)."""
+    script = """
+import sys
+from recast.cli import main
+for command in ([], ["convert"], ["run"]):
+    try:
+        main([*command, "--help"])
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "transformers", "onnx", "pydantic") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from recast import load_recipe
 from recast.cli import _parser
 from recast.data import BUILTIN_SOURCES
+from recast.formats import FORMATS
 from recast.fusion import load_fusion_recipe
 from recast.fusion.recipe import FusedModel, FusionRecipe
 from recast.recipe import Recipe
@@ -90,9 +91,8 @@ def all_recipe_keys() -> list[str]:
 
 
 def output_formats() -> list[str]:
-    """The values `output.format` accepts (its `Literal` annotation)."""
-    annotation = Recipe.model_fields["output"].annotation.model_fields["format"].annotation
-    return list(typing.get_args(annotation))
+    """The values `output.format` accepts (the registered formats)."""
+    return FORMATS.names()
 
 
 def documented_rows(text: str) -> Counter:

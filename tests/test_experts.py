@@ -10,11 +10,12 @@ import torch
 import recast
 import recast.runtime
 from recast.errors import OffloadError
-from recast.refactor.build import moe_layers
+from recast.refactor.moe import moe_layers
 from recast.runtime.experts import ExpertCache, ExpertStore
 from recast.runtime.generate import prefill_chunks
+from recast.runtime.policies import POLICIES
 from recast.runtime.profile import weight_bytes
-from recast.runtime.simulate import POLICIES, Trace, simulate, trace_from_routes
+from recast.runtime.simulate import Trace, simulate, trace_from_routes
 from tiny_models import convert_tiny, token_batch
 
 

@@ -3,10 +3,7 @@
 runtime works with torch absent."""
 
 import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +11,10 @@ import torch
 
 import recast
 import recast.runtime
+from blocked_imports import run_without
 from recast.errors import BundleIntegrityError, ExportError, ParityError, RuntimeInputError
+from recast.export import lowerings
 from recast.export import onnx as onnx_export
-from recast.export import ops
 from recast.export.optimize import op_counts
 from tiny_models import VOCAB, convert_tiny, tiny_model, tiny_tokenizer, token_batch
 
@@ -152,7 +150,9 @@ def test_every_expert_is_computed_whatever_the_tracing_tokens_chose(bundles):
 
 def test_parity_failure_writes_no_bundle(tmp_path, monkeypatch):
     def wrong(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
-        return ops.gather_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, "relu")
+        return lowerings.gather_lowering(
+            x, indices, weights, up, gate, down, up_bias, gate_bias, "relu"
+        )
 
     monkeypatch.setattr(
         onnx_export,
@@ -246,18 +246,6 @@ def test_bad_inputs_get_clear_errors(bundles):
         session.embed("text")
 
 
-def site_without_torch(directory):
-    """A site-packages look-alike with every installed package but torch and transformers."""
-    import site
-
-    packages = next(p for p in map(Path, site.getsitepackages()) if (p / "numpy").exists())
-    directory.mkdir()
-    for entry in packages.iterdir():
-        if not entry.name.lower().startswith(("torch", "transformers", "recast", "_recast")):
-            (directory / entry.name).symlink_to(entry)
-    return directory
-
-
 def test_runtime_runs_without_torch(bundles, tmp_path):
     model, bundle = bundles("llama-pregate")
     ids = token_batch(1, 5, seed=4)
@@ -280,27 +268,9 @@ def test_runtime_runs_without_torch(bundles, tmp_path):
         print("ok")
         """
     )
-    site = site_without_torch(tmp_path / "site")
-    src = Path(recast.__file__).parents[1]
-    # -S: no site-packages but the look-alike, so `import torch` really fails
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-S",
-            "-c",
-            f"import sys; sys.path[:0] = [{str(src)!r}, {str(site)!r}]\n" + script,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_without(script)  # the export stack, torch included, cannot be imported
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
-    probe = subprocess.run(
-        [sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(site)!r}]; import torch"],
-        capture_output=True,
-        text=True,
-    )
-    assert "No module named 'torch'" in probe.stderr  # the check above is real
 
 
 def test_assign_bits_spends_the_budget_on_important_experts():

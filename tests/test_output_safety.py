@@ -208,7 +208,7 @@ def test_disk_full_during_convert_is_one_line_and_leaves_nothing(
     "failing", [no_space, safetensors_no_space], ids=["OSError", "safetensors"]
 )
 def test_disk_full_while_checkpointing_recovery_is_one_error(failing, tmp_path, monkeypatch):
-    from recast.refactor.recover import Checkpoints
+    from recast.recover import Checkpoints
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     checkpoints = Checkpoints(tmp_path / ".out.recover", "fingerprint")

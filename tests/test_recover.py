@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import recast
-from recast.refactor.build import moe_layers
+from recast.refactor.moe import moe_layers
 from tiny_models import save_checkpoint, tiny_model, tiny_tokenizer
 
 

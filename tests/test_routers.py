@@ -6,9 +6,10 @@ import torch
 import recast
 from recast.errors import RoutingError
 from recast.models.cache import cache_in, cache_keyword
-from recast.refactor.build import attach_routers, moe_layers
+from recast.refactor.moe import moe_layers
+from recast.routers import attach_routers
 from recast.routers.pregate import PregateNetwork
-from recast.routers.train import TrainSettings, routing_quality, train_routers
+from recast.routers.train import RouterSpec, routing_quality, train_routers
 from tiny_models import outputs, token_batch
 
 
@@ -158,7 +159,7 @@ def test_training_raises_recall_against_the_oracle(kind, tiny_moe):
     held_out = token_batch(8, 16, seed=2).tolist()
     before = routing_quality(moe, held_out, 8, 0)
     losses = train_routers(
-        moe, train, TrainSettings(steps=60, lr=1e-2, batch_size=4), 0, progress=False
+        moe, train, RouterSpec(steps=60, lr=1e-2, batch_size=4), 0, progress=False
     )
     after = routing_quality(moe, held_out, 8, 0)
     assert losses[-1] < losses[0]

@@ -12,7 +12,8 @@ import recast
 import recast.runtime
 from recast.cli import main
 from recast.errors import TraceError
-from recast.runtime.simulate import POLICIES, Trace, simulate, trace_from_routes
+from recast.runtime.policies import POLICIES
+from recast.runtime.simulate import Trace, simulate, trace_from_routes
 from tiny_models import convert_tiny, tiny_tokenizer, token_batch
 
 

@@ -109,10 +109,10 @@ def test_unsupported_family_for_a_stock_format(tmp_path):
 def test_attention_bias_is_refused_before_any_work(tmp_path):
     import transformers
 
+    from recast.formats import FORMATS
     from recast.models.families import family_for
-    from recast.models.stock import check_family
 
     config = transformers.LlamaConfig(attention_bias=True)
     for fmt in ("mixtral", "qwen2_moe"):
         with pytest.raises(RecastError, match="attention_bias is true"):
-            check_family(fmt, family_for("llama"), config)
+            FORMATS.get(fmt).check_family(family_for("llama"), config)

@@ -5,71 +5,66 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import transformers
 from torch import nn
 
 from . import data
-from .errors import ModelLoadError, UnsupportedArchitectureError
+from .errors import ModelLoadError, RecipeError, UnsupportedArchitectureError
 from .models.families import Family, family_for
 from .models.load import DenseModel, non_finite, tokenizer_for, validate_layout
 from .pipeline import recipe_fingerprint, transform
-from .recipe import load_recipe
-from .refactor.moe import MoEFFN
-from .refactor.recover import Checkpoints
+from .recipe import Recipe, load_recipe
+from .recover import Checkpoints
+from .refactor.moe import moe_layers
+from .registry import did_you_mean
+
+# refactor's shorthand keywords and the recipe key each sets.
+SHORTHANDS = {
+    "experts": "experts.count",
+    "top_k": "experts.top_k",
+    "shared": "experts.shared",
+    "strategy": "experts.strategy",
+    "combine": "experts.combine",
+    "options": "experts.options",
+    "router": "router.kind",
+    "samples": "calibration.samples",
+    "seq_len": "calibration.seq_len",
+    "seed": "seed",
+}
+# Shorthands for a section's keys: `recover={"steps": 10}` sets recover.steps.
+SECTION_SHORTHANDS = {"router_options": "router", "recover": "recover"}
+KEYWORDS = ["tokenizer", "progress", *SHORTHANDS, *SECTION_SHORTHANDS, "calibration"]
+IN_MEMORY = {"name": "in-memory", "model": "<in-memory>"}  # what a recipe may leave out here
 
 
 def refactor(
     model: nn.Module,
+    recipe: str | Path | dict | Recipe | None = None,
     *,
     tokenizer=None,
-    calibration: str | dict[str, str] = "builtin:pydoc",
-    experts: int = 8,
-    top_k: int = 2,
-    shared: float = 0.0,
-    strategy: str = "cluster",
-    combine: str = "sum",
-    router: str = "oracle",
-    router_options: dict | None = None,
-    recover: dict | None = None,
-    samples: int = 256,
-    seq_len: int = 128,
-    options: dict | None = None,
-    seed: int = 0,
     progress: bool = True,
+    **overrides,
 ) -> nn.Module:
     """Convert `model` in place into an MoE and return it.
 
-    The keywords mirror the recipe: `experts`, `top_k`, `shared`, `strategy`, `combine` and
-    `options` are the `experts` section; `router` and `router_options` the `router` section
-    (e.g. `router="pregate", router_options={"width": 64, "steps": 300}`); `recover` the
-    `recover` section (e.g. `{"steps": 100, "rounds": 2}`), distilling from a copy of the
-    dense model. `calibration` is a text source (see `recast.data`) or `{domain: source}`.
-    Calibrating needs a tokenizer: `tokenizer`, else the one saved at `model.name_or_path`.
+    `recipe` is a recipe (a YAML path, a dict or a Recipe; its `name` and `model` may be left
+    out), else the defaults of every section. Each keyword overrides one recipe key, as
+    `--set` does: a dotted key (`**{"recover.steps": 10}`) or a shorthand: `experts`, `top_k`,
+    `shared`, `strategy`, `combine` and `options` set the `experts` section's `count`,
+    `top_k`, `shared`, `strategy`, `combine` and `options`; `router` is `router.kind` and
+    `router_options` the rest of the `router` section (e.g. `router="pregate",
+    router_options={"width": 64, "steps": 300}`); `recover` sets keys of the `recover` section
+    (e.g. `{"steps": 100, "rounds": 2}`), distilling from a copy of the dense model; `samples`
+    and `seq_len` are `calibration.samples` and `calibration.seq_len`, and `calibration` is
+    `calibration.data` (a text source, see `recast.data`) or, given `{domain: source}`,
+    `calibration.domains`. A shorthand given None is left out. Calibrating needs a tokenizer:
+    `tokenizer`, else the one saved at `model.name_or_path`.
     """
     family = dense_family(model)
     recipe = load_recipe(
-        {
-            "name": "in-memory",
-            "model": "<in-memory>",
-            "calibration": {
-                "data": calibration if isinstance(calibration, str) else "builtin:pydoc",
-                "domains": calibration if isinstance(calibration, dict) else None,
-                "samples": samples,
-                "seq_len": seq_len,
-            },
-            "experts": {
-                "count": experts,
-                "top_k": top_k,
-                "shared": shared,
-                "strategy": strategy,
-                "combine": combine,
-                "options": options or {},
-            },
-            "router": {"kind": router, **(router_options or {})},
-            "recover": recover or {},
-            "seed": seed,
-        }
+        {} if recipe is None else recipe, recipe_keys(overrides), defaults=IN_MEMORY
     )
     data.check_sources(recipe.text_sources)
     if tokenizer is None and getattr(model, "name_or_path", ""):
@@ -87,6 +82,33 @@ def refactor(
     return done.model
 
 
+def recipe_keys(keywords: dict[str, Any]) -> dict[str, Any]:
+    """refactor's override keywords as {dotted recipe key: value}, in the order given."""
+    keys: dict[str, Any] = {}
+    for name, value in keywords.items():
+        if "." in name:
+            keys[name] = value
+        elif name not in KEYWORDS:
+            raise RecipeError(
+                f"refactor got an unknown keyword {name!r}{did_you_mean(name, KEYWORDS)}; it "
+                f"takes {', '.join(KEYWORDS)} and dotted recipe keys such as recover.steps"
+            )
+        elif value is not None:  # a shorthand given None is left out
+            keys.update(_shorthand_keys(name, value))
+    return keys
+
+
+def _shorthand_keys(name: str, value: Any) -> dict[str, Any]:
+    if name == "calibration":
+        return {"calibration.domains" if isinstance(value, dict) else "calibration.data": value}
+    if name in SECTION_SHORTHANDS:
+        section = SECTION_SHORTHANDS[name]
+        if not isinstance(value, dict):  # validation refuses it, naming the section
+            return {section: value}
+        return {f"{section}.{key}": item for key, item in value.items()}
+    return {SHORTHANDS[name]: value}
+
+
 def dense_family(model: nn.Module) -> Family:
     """The family adapter of a dense transformers model with finite weights (raises before
     any change for anything else: another module, an MoE, NaN weights)."""
@@ -95,7 +117,7 @@ def dense_family(model: nn.Module) -> Family:
             f"refactor takes a transformers model (e.g. LlamaForCausalLM), got "
             f"{type(model).__name__}; load one with transformers.AutoModel*.from_pretrained"
         )
-    if any(isinstance(module, MoEFFN) for module in model.modules()):
+    if moe_layers(model):
         raise UnsupportedArchitectureError(
             "the model is already an MoE (converted by recast); refactor the dense model instead"
         )

@@ -30,11 +30,11 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .errors import OutputExistsError, OutputWriteError, UnsafeOutputError
+from .markers import MANIFEST, MARKER, MARKER_FORMAT
+from .version import __version__
 
 log = logging.getLogger("recast")
 
-MARKER = ".recast-output"
-MARKER_FORMAT = "recast-output"
 # A write that fails with one of these failed for the output's file system, whichever file it was.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
@@ -80,8 +80,6 @@ def check_file(path: Path, overwrite: bool = False, suffix: str = "") -> None:
 def written_by_recast(directory: Path) -> bool:
     """Whether `directory` holds recast's marker, or is a bundle recast wrote before markers
     existed (its manifest has recast's keys)."""
-    from .runtime.manifest import MANIFEST
-
     if _marker(directory) is not None:
         return True
     manifest = _read_json(directory / MANIFEST)
@@ -227,8 +225,6 @@ def _write_error(target: Path, reason: str) -> OutputWriteError:
 def _mark(directory: Path, staging: bool = True) -> None:
     """Write the marker: while `staging`, with who is filling the dir (for the clean-up of
     killed runs); in the finished output, recast's version only, so outputs are reproducible."""
-    from . import __version__
-
     marker = {"format": MARKER_FORMAT, "recast_version": __version__}
     if staging:
         directory.chmod(0o777 & ~_umask())  # mkdtemp's dir is private (0700); outputs are not

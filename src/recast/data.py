@@ -1,4 +1,5 @@
-"""Calibration and evaluation text: where it comes from and how it becomes token ids.
+"""Calibration and evaluation text: where it comes from, how it becomes token ids, and how
+those are batched for the model (`padded_batches`).
 
 Every source goes through the `datasets` library, so a built-in corpus, a local file, a
 saved dataset and a Hub dataset all end as one `text` column that is cleaned the same way.
@@ -14,11 +15,15 @@ import importlib
 import inspect
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 from typing import TYPE_CHECKING, Literal
 
-from recast.errors import DataError
+import torch
+from torch import Tensor
+
+from .errors import DataError
 
 if TYPE_CHECKING:
     import datasets
@@ -335,3 +340,18 @@ def sentences(docs: list[str]) -> list[str]:
             text = " ".join(paragraph.split())
             result.extend(s for s in re.split(r"(?<=[.!?])\s+", text) if s)
     return result
+
+
+def padded_batches(
+    sequences: list[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """`(input_ids, attention_mask)` batches, right-padded to the longest sequence in each."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        longest = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        yield ids, mask

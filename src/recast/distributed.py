@@ -23,6 +23,7 @@ from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 from .errors import RecastError, ReportedElsewhereError
+from .models.surgery import untied_state
 
 # Errors are shared over a group of their own, with a long timeout: the other processes wait
 # there while the main one evaluates, writes and exports, which can outlast the default group's
@@ -91,8 +92,6 @@ def errors_shared() -> Iterator[None]:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of the model's saved tensors: equal digests are bitwise equal weights."""
-    from .models.hf import untied_state
-
     digest = hashlib.sha256()
     for name, tensor in sorted(untied_state(model).items()):
         digest.update(name.encode())

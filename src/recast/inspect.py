@@ -7,10 +7,10 @@ from pathlib import Path
 
 from .errors import FormatError
 from .evaluate.params import count_parameters
+from .formats.recast import MODEL_TYPE, load
 from .models.families import family_for
-from .models.hf import MODEL_TYPE, load
 from .models.load import load_dense
-from .refactor.build import moe_layers
+from .refactor.moe import moe_layers
 
 
 def describe(path: Path, trust_pickle: bool = False) -> dict:

@@ -33,24 +33,19 @@ from .evaluate import (
     lm_metrics,
     lm_outputs,
 )
+from .formats import FORMATS
 from .models.families import Family
-from .models.hf import MoEInfo, write_model
 from .models.load import DenseModel, load_dense, non_finite
-from .models.stock import check_family, parity_check, write_stock
 from .models.surgery import dense_ffn, layer_modules
 from .recipe import Recipe, load_recipe
-from .refactor.build import activation_of, attach_routers, convert_layers, moe_layers
+from .recover import Checkpoints, recover
+from .refactor.build import activation_of, convert_layers
 from .refactor.calibrate import LayerStats, calibrate
-from .refactor.partition import (
-    STRATEGIES,
-    LayerInput,
-    ModelPartition,
-    align_layers,
-    partition_layer,
-)
-from .refactor.recover import Checkpoints, RecoverSettings, recover
-from .routers import ROUTERS
-from .routers.train import TrainSettings, oracle_routing, routing_quality, train_routers
+from .refactor.info import MoEInfo
+from .refactor.moe import moe_layers
+from .refactor.partition import LayerInput, ModelPartition, align_layers, partition_layer
+from .routers import attach_routers
+from .routers.train import oracle_routing, routing_quality, train_routers
 
 log = logging.getLogger("recast")
 
@@ -103,33 +98,24 @@ def pooled(sequences: dict[str, list[list[int]]]) -> list[list[int]]:
 
 def needs_calibration(recipe: Recipe) -> bool:
     """Whether the partition, the router or recovery needs calibration text."""
-    return (
-        STRATEGIES.get(recipe.experts.strategy).needs_stats
-        or ROUTERS.get(recipe.router.kind).trainable
-        or recipe.recover.steps > 0
-    )
+    return recipe.experts.needs_stats or recipe.router.trainable or recipe.recover.steps > 0
 
 
 def calibration_stats(
     dense: DenseModel, recipe: Recipe, sequences: dict[str, list[list[int]]], progress: bool
 ) -> list[LayerStats] | None:
-    if not STRATEGIES.get(recipe.experts.strategy).needs_stats:
+    if not recipe.experts.needs_stats:
         return None
     return calibrate(
         dense.model,
         dense.family,
         sequences,
         batch_size=recipe.calibration.batch_size,
-        reservoir_size=recipe.calibration.reservoir if _needs_reservoir(recipe) else 0,
+        reservoir_size=recipe.calibration.reservoir if recipe.experts.needs_reservoir else 0,
         seed=recipe.seed,
         pad_id=_pad_id(dense),
         progress=progress,
     )
-
-
-def _needs_reservoir(recipe: Recipe) -> bool:
-    chosen = STRATEGIES.get(recipe.experts.strategy)
-    return chosen.needs_reservoir(chosen.options(**recipe.experts.options))
 
 
 def _pad_id(dense: DenseModel) -> int:
@@ -152,9 +138,11 @@ def partition_model(
         rows = ffn.up if ffn.gate is None else torch.cat([ffn.up, ffn.gate], dim=1)
         layer_input = LayerInput(i, rows, None if stats is None else stats[i])
         layers.append(
-            partition_layer(e.strategy, layer_input, e.count, e.shared, recipe.seed, e.options)
+            partition_layer(
+                e.strategy, layer_input, e.count, e.shared, recipe.seed, e.strategy_options
+            )
         )
-    if e.options.get("align"):
+    if getattr(e.strategy_options, "align", False):
         layers = align_layers(layers, stats)
     settings = {"count": e.count, "shared": e.shared, "seed": recipe.seed, "options": e.options}
     return ModelPartition(e.strategy, layers, settings)
@@ -180,38 +168,10 @@ def build_moe(dense: DenseModel, partition: ModelPartition, recipe: Recipe) -> n
         bias=bias,
         partition=partition,
     )
-    if recipe.output.format == "qwen2_moe":  # train under the target's semantics from the start
-        for layer in layers:
-            layer.add_shared_gate()
-        model.recast.shared_gate = True
+    FORMATS.get(recipe.output.format).prepare(model)  # trained under the target's semantics
     # Resolved options (defaults included) are what MoEInfo records and loading rebuilds.
-    options = ROUTERS.get(r.kind).Options(**r.options).model_dump()
-    attach_routers(model, r.kind, e.top_k, e.combine, options)
+    attach_routers(model, r.kind, e.top_k, e.combine, r.kind_options.model_dump())
     return model
-
-
-def router_settings(recipe: Recipe, load_balance: float = 0.0) -> TrainSettings:
-    r = recipe.router
-    return TrainSettings(
-        steps=r.steps,
-        lr=r.lr,
-        batch_size=r.batch_size,
-        soft_weight=r.soft_weight,
-        label_smoothing=r.label_smoothing,
-        load_balance=load_balance,
-        seed=recipe.seed,
-    )
-
-
-def train_router(
-    model: nn.Module,
-    recipe: Recipe,
-    sequences: dict[str, list[list[int]]],
-    pad_id: int,
-    progress: bool,
-) -> list[float]:
-    """Fit a trainable router to the dense oracle on the calibration text (all domains)."""
-    return train_routers(model, pooled(sequences), router_settings(recipe), pad_id, progress)
 
 
 class Evaluator:
@@ -296,24 +256,6 @@ class Transformed:
     recovery: dict
 
 
-def recover_settings(recipe: Recipe) -> RecoverSettings:
-    rec = recipe.recover
-    return RecoverSettings(
-        steps=rec.steps,
-        rounds=rec.rounds,
-        lr=rec.lr,
-        lr_decay=rec.lr_decay,
-        batch_size=rec.batch_size,
-        temperature=rec.distill.temperature,
-        kl_weight=rec.distill.kl_weight,
-        hidden_weight=rec.distill.hidden_weight,
-        lora_rank=rec.lora.rank,
-        lora_alpha=rec.lora.alpha,
-        seed=recipe.seed,
-        router=router_settings(recipe, load_balance=rec.load_balance),
-    )
-
-
 def transform(
     dense: DenseModel,
     recipe: Recipe,
@@ -341,9 +283,11 @@ def transform(
     log.info("building the MoE layers")
     model = build_moe(dense, partition, recipe)
     router_losses: list[float] = []
-    if ROUTERS.get(recipe.router.kind).trainable:
+    if recipe.router.trainable:  # fitted to the dense oracle on the calibration text (all domains)
         log.info("training the %s router on the dense oracle", recipe.router.kind)
-        router_losses = train_router(model, recipe, sequences, _pad_id(dense), progress)
+        router_losses = train_routers(
+            model, pooled(sequences), recipe.router, _pad_id(dense), progress, seed=recipe.seed
+        )
     before, recovery = {}, {}
     if recipe.recover.steps:
         if evaluator is not None and evaluator.enabled:
@@ -353,7 +297,9 @@ def transform(
             model,
             teacher(),
             pooled(sequences),
-            recover_settings(recipe),
+            recipe.recover,
+            recipe.router,
+            recipe.seed,
             _pad_id(dense),
             checkpoints,
             resume=resume,
@@ -413,7 +359,7 @@ def convert(
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
     dense = load_dense(recipe.model, trust_pickle=trust_pickle)
-    check_family(recipe.output.format, dense.family, dense.model.config)
+    FORMATS.get(recipe.output.format).check_family(dense.family, dense.model.config)
     checkpoints = Checkpoints(target.parent / f".{target.name}.recover", recipe_fingerprint(recipe))
     done = transform(
         dense,
@@ -479,14 +425,11 @@ def export_dir(recipe: Recipe, output: Path) -> Path | None:
 def write_output(
     model: nn.Module, dense: DenseModel, recipe: Recipe, staging: Path, probe, report: Report
 ) -> None:
-    """The output files in the recipe's format; stock formats are loaded back and checked."""
-    fmt = recipe.output.format
-    if fmt == "recast":
-        write_model(model, staging, dense.tokenizer)
-    else:
-        write_stock(fmt, model, dense.family, staging, dense.tokenizer)
-        report.stock_check = parity_check(model, staging, probe, _pad_id(dense))
-        model.recast.partition.save(staging / "partition.json")
+    """The output files in the recipe's format, checked against `model` where the format can
+    be loaded back (stock formats)."""
+    output = FORMATS.get(recipe.output.format)
+    output.write(model, staging, dense.tokenizer)
+    report.stock_check = output.check_written(model, staging, probe, _pad_id(dense))
     (staging / "recipe.yaml").write_text(recipe.to_yaml())
     report.save(staging / "report.json")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..refactor.calibrate import padded_batches
+from ..data import padded_batches
 
 
 @dataclass

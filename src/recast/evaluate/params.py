@@ -8,7 +8,7 @@ from torch import nn
 
 from ..models.families import Family
 from ..models.surgery import dense_ffn, layer_modules
-from ..refactor.moe import ExpertBank, MoEFFN
+from ..refactor.moe import ExpertBank, MoEFFN, moe_layers
 
 
 @dataclass
@@ -55,7 +55,7 @@ def moe_count(moe: MoEFFN) -> tuple[int, int]:
 def count_parameters(model: nn.Module, family: Family) -> ParamCount:
     """Counts for a dense model (everything active) or a recast MoE model."""
     total = sum(p.numel() for p in model.parameters())
-    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    moes = moe_layers(model)
     if moes:
         counts = [moe_count(m) for m in moes]
         ffn_total = sum(c[0] for c in counts)

@@ -8,8 +8,8 @@ from pathlib import Path
 from torch import nn
 
 from ..atomic import check_output
-from ..recipe import ExportSpec, export_spec
 from .bundle import export_bundle
+from .settings import ExportSpec, export_spec
 
 __all__ = ["ExportSpec", "export", "export_bundle"]
 
@@ -46,7 +46,7 @@ def export(
 
 def load_for_export(source: str, trust_pickle: bool = False):
     """(model, tokenizer, recipe YAML or None) from a recast output or a dense checkpoint."""
-    from ..models.hf import MODEL_TYPE, load
+    from ..formats.recast import MODEL_TYPE, load
     from ..models.load import load_dense, resolve_source, tokenizer_for
 
     path = Path(resolve_source(source))

@@ -27,15 +27,16 @@ from torch import nn
 from ..atomic import atomic_directory
 from ..errors import ExportError
 from ..models.families import family_for
-from ..recipe import ExportSpec, QuantizeSpec
-from ..refactor.build import moe_layers
+from ..refactor.moe import moe_layers
 from ..runtime.experts import store_file
 from ..runtime.manifest import BUNDLE_FORMAT_VERSION, file_records, write_manifest
 from ..runtime.profile import measure_profile
 from ..runtime.session import Session
+from ..version import __version__
 from .graphs import cache_shape, is_decoder, pregate_network, traceables
-from .ops import contrib_supports
+from .lowerings import contrib_supports
 from .parity import check_parity
+from .settings import ExportSpec, QuantizeSpec
 
 log = logging.getLogger("recast")
 
@@ -229,7 +230,6 @@ def _pt2_io(traceable) -> tuple[list[dict], list[dict]]:
 
 
 def _manifest(model: nn.Module, spec: ExportSpec, graphs: dict, source: str) -> dict:
-    from .. import __version__
 
     config = model.config
     decoder = is_decoder(model)

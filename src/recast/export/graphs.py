@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from ..models.cache import cache_in, cache_keyword
 from ..models.families import family_for
-from ..refactor.build import moe_layers
+from ..refactor.moe import moe_layers
 from ..routers.base import Routing, combine_weights
 
 

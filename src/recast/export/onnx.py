@@ -10,7 +10,7 @@ import torch
 from ..errors import ExportError
 from ..logs import quiet
 from .graphs import Traceable
-from .ops import translation_table
+from .lowerings import translation_table
 
 OPSET = 18
 

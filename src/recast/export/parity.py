@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ParityError
-from ..refactor.build import moe_layers
+from ..refactor.moe import moe_layers
 from ..runtime.session import Session
 
 log = logging.getLogger("recast")

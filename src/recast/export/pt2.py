@@ -1,7 +1,7 @@
 """pt2 artifacts: a `torch.export` program (`torch.export.save`), optionally AOTInductor-compiled.
 
 The MoE layer stays one `recast::routed_experts` op, so loading a pt2 bundle needs torch and
-recast (the runtime imports `recast.export.ops` to register the op).
+recast (the runtime imports `recast.ops` to register the op).
 
 Tracing takes transformers' branches for a multi-token query (e.g. building a causal mask),
 and torch.export guards the sequence length against 1 accordingly; those branches are also
@@ -23,8 +23,8 @@ from torch import nn
 from torch.export.dynamic_shapes import Dim
 from torch.utils import _pytree as pytree
 
+from .. import ops  # noqa: F401  registers recast::routed_experts for torch.export
 from ..errors import ExportError
-from . import ops  # noqa: F401  registers recast::routed_experts for torch.export
 from .graphs import Traceable
 
 

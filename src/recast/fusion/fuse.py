@@ -24,15 +24,10 @@ from ..export.bundle import onnx_io
 from ..export.optimize import op_counts, optimize
 from ..runtime.manifest import BUNDLE_FORMAT_VERSION, file_records, write_manifest
 from ..runtime.session import Session
+from ..version import __version__
 from .graph import FusionGraph
 from .parity import check_fused_parity
-from .passes import GRAPH_PASSES
-from .passes.cse import CommonSubexpressions
-from .passes.dead_nodes import DeadNodes
-from .passes.dedup import DeduplicateInitializers
-from .passes.horizontal import HorizontalFusion
-from .passes.inputs import UnifyInputs
-from .passes.opset import reconcile_opsets
+from .passes import GRAPH_PASSES, reconcile_opsets, run_passes
 from .report import census, draw, sharing
 from .sources import Source, load_source
 
@@ -123,18 +118,7 @@ def _fused_graph(sources: dict[str, Source], shared_inputs, skip) -> tuple[Fusio
                     del graph.outputs[output]
                     del graph.output_info[output]
     before = census(graph)
-    passes = [
-        UnifyInputs(shared_inputs),
-        DeduplicateInitializers(),
-        CommonSubexpressions(),
-        DeadNodes(),  # before horizontal, which would merge work for dropped outputs into kept
-        HorizontalFusion(),
-    ]
-    for graph_pass in passes:
-        if graph_pass.name in skip:
-            continue
-        results.append(graph_pass.run(graph))
-        log.info("pass %s: %d rewrites", graph_pass.name, results[-1].rewrites)
+    results += run_passes(graph, skip, shared_inputs=shared_inputs)
     graph.name_dims()
     shared = next((r.detail["shared"] for r in results if r.name == "inputs"), {})
     report = {
@@ -212,7 +196,6 @@ def _table_rows(graph: FusionGraph, op: str, slot: int) -> int | None:
 
 
 def _manifest(staging: Path, sources: dict[str, Source], fusion: dict, target: str) -> dict:
-    from .. import __version__
 
     inputs, outputs = onnx_io(staging / "model.onnx")
     return {

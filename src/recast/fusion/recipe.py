@@ -16,9 +16,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ..recipe import Section, read_mapping, validated
-
-PassName = Literal["inputs", "dedup", "cse", "horizontal", "dead"]
+from ..settings import Section, read_mapping, validated
+from .passes import GRAPH_PASSES
 
 
 class FusedModel(Section):
@@ -32,8 +31,16 @@ class FusionRecipe(Section):
     # {fused input: ["model/input", ...]}; None: inputs of the same name, dtype and shape
     shared_inputs: dict[str, list[str]] | None = None
     target: Literal["cpu", "cuda"] = "cpu"
-    skip: list[PassName] = []  # passes not to run
+    skip: list[str] = []  # passes not to run
     dir: str | None = None  # the bundle's directory; default exported/<name>
+
+    @field_validator("skip")
+    @classmethod
+    def _known_passes(cls, skip: list[str]) -> list[str]:
+        unknown = [name for name in skip if name not in GRAPH_PASSES]
+        if unknown:
+            raise ValueError(f"unknown pass {unknown[0]!r}; passes: {', '.join(GRAPH_PASSES)}")
+        return skip
 
     @field_validator("models")
     @classmethod

@@ -1,4 +1,5 @@
-"""Reading a family's FFNs out of a model, and swapping modules in place.
+"""Reading a family's FFNs out of a model, swapping modules in place, and its state without
+tied copies.
 
 Surgery checks every layer before it mutates any (peft `inject_adapter` style): a model whose
 layout does not match its family adapter is refused whole, never half converted.
@@ -86,3 +87,21 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """Tied parameter names (e.g. `lm_head.weight` -> the embedding it shares), per transformers."""
+    return getattr(model, "all_tied_weights_keys", None) or {}
+
+
+def untied_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict with tied copies dropped (loading re-ties them), as safetensors requires."""
+    state = model.state_dict()
+    for target, source in tied_weights(model).items():
+        if (
+            target in state
+            and source in state
+            and state[target].data_ptr() == state[source].data_ptr()
+        ):
+            del state[target]
+    return {k: v.contiguous() for k, v in state.items()}

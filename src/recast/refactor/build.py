@@ -12,8 +12,6 @@ from torch import Tensor, nn
 
 from ..models.families import Family
 from ..models.surgery import DenseFFN, dense_ffn, layer_modules, replace_module
-from ..routers import ROUTERS, Router
-from ..routers.oracle import AllRouter
 from .moe import ExpertBank, MoEFFN
 from .partition import Partition
 
@@ -48,7 +46,12 @@ def expert_bank(ffn: DenseFFN, groups: list[list[int]], activation: str) -> Expe
 
 
 def moe_from_dense(
-    ffn: DenseFFN, partition: Partition, activation: str, router: Router, combine: str, index: int
+    ffn: DenseFFN,
+    partition: Partition,
+    activation: str,
+    router: nn.Module | None,
+    combine: str,
+    index: int,
 ) -> MoEFFN:
     shared = expert_bank(ffn, [partition.shared], activation) if partition.shared else None
     down_bias: Tensor | None = None if ffn.down_bias is None else ffn.down_bias.clone()
@@ -65,7 +68,7 @@ def convert_layers(
 ) -> list[str]:
     """Replace every layer's FFN by an MoE layer; returns the replaced module paths.
 
-    Layers start with the `all` router (the exact refactor); `attach_routers` sets the real one.
+    Layers start without a router; `recast.routers.attach_routers` gives them one.
     """
     layers = layer_modules(model, family)
     # Check every layer before touching any.
@@ -82,7 +85,7 @@ def convert_layers(
             dense_ffn(layer, family, i),
             partitions[i],
             activation,
-            AllRouter(len(partitions[i].experts)),
+            None,
             combine,
             i,
         )
@@ -91,23 +94,3 @@ def convert_layers(
             replace_module(layer, path, nn.Identity())
         replaced.append(f"{family.layers}.{i}.{family.ffn}")
     return replaced
-
-
-def moe_layers(model: nn.Module) -> list[MoEFFN]:
-    return [m for m in model.modules() if isinstance(m, MoEFFN)]
-
-
-def attach_routers(
-    model: nn.Module, kind: str, top_k: int, combine: str, options: dict, initialize: bool = True
-) -> None:
-    """Give every MoE layer of `model` a router of `kind` (see `recast.routers`), and record
-    it in the model's `MoEInfo` so that saving writes what the model really does."""
-    router_cls = ROUTERS.get(kind)
-    layers = moe_layers(model)
-    router_cls.attach(model, layers, top_k, combine, router_cls.Options(**options), initialize)
-    for layer in layers:
-        layer.combine = combine
-    info = getattr(model, "recast", None)
-    if info is not None:
-        info.router = {"kind": kind, **options}
-        info.top_k, info.combine = layers[0].router.top_k, combine

@@ -9,15 +9,28 @@ for the strategies that cluster. Nothing grows with the number of calibration to
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import data
 from ..models.families import Family
 from ..models.surgery import layer_modules
+from ..settings import Section
+
+
+class CalibrationSpec(Section):
+    """Text streamed through the dense model to decide the partition."""
+
+    data: str = "builtin:pydoc"
+    domains: dict[str, str] | None = None
+    samples: int = Field(256, gt=0)
+    seq_len: int = Field(128, ge=2)
+    batch_size: int = Field(8, gt=0)
+    reservoir: int = Field(1024, ge=0)
 
 
 @dataclass
@@ -106,21 +119,6 @@ class NeuronAccumulator:
         )
 
 
-def padded_batches(
-    sequences: list[list[int]], batch_size: int, pad_id: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """`(input_ids, attention_mask)` batches, right-padded to the longest sequence in each."""
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        longest = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        yield ids, mask
-
-
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -164,7 +162,7 @@ def calibrate(
         with tqdm(total=total, unit="tok", desc="calibrate", disable=not progress) as bar:
             for domain, sequences in domains.items():
                 state["domain"] = domain
-                for ids, mask in padded_batches(sequences, batch_size, pad_id):
+                for ids, mask in data.padded_batches(sequences, batch_size, pad_id):
                     ids, mask = ids.to(device), mask.to(device)
                     state["mask"] = mask.reshape(-1).bool()
                     state["all_real"] = bool(state["mask"].all())  # no copy when nothing is padding

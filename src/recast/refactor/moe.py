@@ -11,26 +11,22 @@ exactly zero contribution even after training touches the padded weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from ..routers.base import Router, Routing
+from ..errors import RoutingError
+from ..ops import routed_expert_list, routed_experts, slice_activations
 
 
-def slice_activations(
-    x: Tensor,
-    up: Tensor,
-    gate: Tensor | None,
-    up_bias: Tensor | None,
-    gate_bias: Tensor | None,
-    act,
-) -> Tensor:
-    """`act(gate(x)) * up(x)` (SwiGLU) or `act(up(x))`: one FFN slice's intermediate values."""
-    h = nn.functional.linear(x, up, up_bias)
-    if gate is None:
-        return act(h)
-    return act(nn.functional.linear(x, gate, gate_bias)) * h
+@dataclass
+class Routing:
+    """Which experts each token uses: `indices[T, k]`, and `weights[T, k]` (None: all 1)."""
+
+    indices: Tensor
+    weights: Tensor | None = None
 
 
 class ExpertBank(nn.Module):
@@ -119,6 +115,9 @@ class ExpertBank(nn.Module):
 class MoEFFN(nn.Module):
     """A routed replacement for one dense FFN.
 
+    `router` is a module mapping `(tokens [T, H], this layer)` to a `Routing` (the kinds are in
+    `recast.routers`); layers are built without one and `recast.routers.attach_routers` sets it.
+
     `forward` groups tokens by selected expert and runs one matmul chain per expert that at
     least one token selected, so compute grows with top-k, not with the expert count.
     """
@@ -128,7 +127,7 @@ class MoEFFN(nn.Module):
         experts: ExpertBank,
         shared: ExpertBank | None,
         down_bias: Tensor | None,
-        router: Router,
+        router: nn.Module | None,
         combine: str,
         layer_index: int,
         shared_gate: nn.Linear | None = None,
@@ -156,6 +155,11 @@ class MoEFFN(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        if self.router is None:
+            raise RoutingError(
+                f"MoE layer {self.layer_index} has no router; give the model one with "
+                f"recast.routers.attach_routers"
+            )
         routing = self.router(x, self)
         out = self.routed(x, routing)
         if self.shared is not None:
@@ -202,8 +206,6 @@ class MoEFFN(nn.Module):
     def exported_routed(self, x: Tensor, routing: Routing) -> Tensor:
         """`routed` as one `recast::routed_experts` op, which each export target lowers in its
         own way (the eager loop above would bake in the experts the example tokens used)."""
-        from ..export.ops import routed_expert_list, routed_experts
-
         bank = self.bank
         weights = routing.weights
         if weights is None:
@@ -230,5 +232,10 @@ class MoEFFN(nn.Module):
         shared = 0 if self.shared is None else self.shared.widths[0]
         return (
             f"layer={self.layer_index}, experts={self.num_experts}x{self.bank.width}, "
-            f"shared={shared}, router={self.router.kind}, combine={self.combine}"
+            f"shared={shared}, router={getattr(self.router, 'kind', None)}, combine={self.combine}"
         )
+
+
+def moe_layers(model: nn.Module) -> list[MoEFFN]:
+    """The model's MoE layers, in layer order."""
+    return [m for m in model.modules() if isinstance(m, MoEFFN)]

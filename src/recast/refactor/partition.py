@@ -13,15 +13,24 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from torch import Tensor
 
 from ..errors import FormatError, PartitionError, RecipeError
 from ..registry import Registry
+from ..settings import Section, check_options, registered
 from .calibrate import LayerStats
 
 
@@ -120,6 +129,52 @@ def strategy(
         return fn
 
     return add
+
+
+class ExpertsSpec(Section):
+    """How each FFN is split and combined: the recipe's `experts` section."""
+
+    # Assigning a field validates again, so the resolved options follow a changed strategy.
+    model_config = ConfigDict(validate_assignment=True)
+
+    count: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    shared: float = Field(0.0, ge=0.0, lt=1.0)
+    strategy: str = "cluster"
+    combine: Literal["sum", "softmax"] = "sum"
+    options: dict[str, Any] = Field(default_factory=dict)
+    _strategy_options: StrategyOptions = PrivateAttr()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        return registered(STRATEGIES, name)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExpertsSpec:
+        if self.top_k > self.count:
+            raise ValueError(
+                f"top_k ({self.top_k}) is larger than count ({self.count}); "
+                f"lower experts.top_k or raise experts.count"
+            )
+        schema = STRATEGIES.get(self.strategy).options
+        self._strategy_options = check_options(
+            schema, self.options, owner=f"strategy {self.strategy!r}", prefix="options."
+        )
+        return self
+
+    @property
+    def strategy_options(self) -> StrategyOptions:
+        """The strategy's options model: `options` checked, its defaults filled in."""
+        return self._strategy_options
+
+    @property
+    def needs_stats(self) -> bool:
+        return STRATEGIES.get(self.strategy).needs_stats
+
+    @property
+    def needs_reservoir(self) -> bool:
+        return STRATEGIES.get(self.strategy).needs_reservoir(self.strategy_options)
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -337,14 +392,19 @@ def domain(layer: LayerInput, count: int, n_shared: int, seed: int, opts):
 
 
 def partition_layer(
-    name: str, layer: LayerInput, count: int, shared: float, seed: int, options: dict
+    name: str,
+    layer: LayerInput,
+    count: int,
+    shared: float,
+    seed: int,
+    options: StrategyOptions | dict,
 ) -> Partition:
-    """Run strategy `name` on one layer and check the result covers every neuron once."""
+    """Run strategy `name` on one layer and check the result covers every neuron once.
+
+    `options` is the strategy's options model (as `ExpertsSpec.strategy_options` resolves it)
+    or a dict of its options."""
     chosen = STRATEGIES.get(name)
-    try:
-        opts = chosen.options(**options)
-    except ValidationError as exc:
-        raise RecipeError(f"bad options for strategy {name!r}: {exc.errors()[0]['msg']}") from None
+    opts = options if isinstance(options, StrategyOptions) else _options(name, chosen, options)
     if chosen.needs_stats and layer.stats is None:
         raise PartitionError(f"strategy {name!r} needs calibration statistics")
     if chosen.needs_reservoir(opts) and layer.stats.reservoir.shape[0] < 2:
@@ -353,11 +413,16 @@ def partition_layer(
             f"set calibration.reservoir above 1"
         )
     width = layer.up_rows.shape[0]
-    result = chosen.fn(
-        layer, count, shared_count(width, shared, count), seed, chosen.options(**options)
-    )
+    result = chosen.fn(layer, count, shared_count(width, shared, count), seed, opts)
     result.validate(width)
     return result
+
+
+def _options(name: str, chosen: Strategy, options: dict) -> StrategyOptions:
+    try:
+        return chosen.options(**options)
+    except ValidationError as exc:
+        raise RecipeError(f"bad options for strategy {name!r}: {exc.errors()[0]['msg']}") from None
 
 
 def expert_profiles(partition: Partition, stats: LayerStats) -> Tensor:

@@ -2,6 +2,6 @@
 `all` and `oracle` (references), `layer` (per-layer gates), `pregate` (Read-ME)."""
 
 from . import layer, oracle, pregate  # noqa: F401  (registration)
-from .base import ROUTERS, Router, RouterOptions, Routing
+from .base import ROUTERS, Router, RouterOptions, Routing, attach_routers
 
-__all__ = ["ROUTERS", "Router", "RouterOptions", "Routing"]
+__all__ = ["ROUTERS", "Router", "RouterOptions", "Routing", "attach_routers"]

@@ -1,27 +1,16 @@
-"""The Router interface: hidden states (or token ids) in, expert choices out."""
+"""The Router interface: hidden states (or token ids) in, expert choices out (`Routing`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from ..errors import RoutingError
+from ..refactor.moe import MoEFFN, Routing, moe_layers
 from ..registry import Registry
-
-if TYPE_CHECKING:
-    from ..refactor.moe import MoEFFN
-
-
-@dataclass
-class Routing:
-    """Which experts each token uses: `indices[T, k]`, and `weights[T, k]` (None: all 1)."""
-
-    indices: Tensor
-    weights: Tensor | None = None
 
 
 def combine_weights(values: Tensor, combine: str) -> Tensor | None:
@@ -89,3 +78,19 @@ class Router(nn.Module):
 
 
 ROUTERS: Registry[type[Router]] = Registry("router")
+
+
+def attach_routers(
+    model: nn.Module, kind: str, top_k: int, combine: str, options: dict, initialize: bool = True
+) -> None:
+    """Give every MoE layer of `model` a router of `kind`, and record it in the model's
+    `MoEInfo` so that saving writes what the model really does."""
+    router_cls = ROUTERS.get(kind)
+    layers = moe_layers(model)
+    router_cls.attach(model, layers, top_k, combine, router_cls.Options(**options), initialize)
+    for layer in layers:
+        layer.combine = combine
+    info = getattr(model, "recast", None)
+    if info is not None:
+        info.router = {"kind": kind, **options}
+        info.top_k, info.combine = layers[0].router.top_k, combine

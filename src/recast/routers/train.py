@@ -1,4 +1,5 @@
-"""Router training on oracle labels from the dense model, and the routing quality report.
+"""Router training on oracle labels from the dense model, its settings (`RouterSpec`, the
+recipe's `router` section), and the routing quality report.
 
 The oracle of a layer is each expert's activation mass (sum of |h| over its neurons) on a
 token, computed with every expert active, which is exactly the dense FFN. Routers fit it with
@@ -13,27 +14,71 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..refactor.calibrate import padded_batches
-from ..refactor.moe import MoEFFN
+from ..data import padded_batches
+from ..refactor.moe import moe_layers
+from ..settings import Section, check_options, registered
+from .base import ROUTERS, RouterOptions
 from .oracle import AllRouter, OracleRouter
 from .pregate import PregateNetwork
 
+# Oracle labels kept for reuse across epochs, at most (bytes).
+ORACLE_CACHE_BYTES = 1 << 30
 
-@dataclass
-class TrainSettings:
-    steps: int = 200
-    lr: float = 1e-3
-    batch_size: int = 8
-    soft_weight: float = 0.25
-    label_smoothing: float = 0.1
-    load_balance: float = 0.0  # weight of the Switch-style balance loss
-    seed: int = 0
-    cache_bytes: int = 1 << 30  # oracle labels kept for reuse across epochs, at most
+
+class RouterSpec(Section):
+    """Which router picks the experts, its kind's settings, and how it is trained.
+
+    Keys beyond the ones below are the kind's own options (e.g. `width` for `pregate`),
+    checked against that kind's schema.
+    """
+
+    # Assigning a field validates again, so the resolved options follow a changed kind.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    kind: str = "oracle"
+    steps: int = Field(200, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    soft_weight: float = Field(0.25, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    _kind_options: RouterOptions = PrivateAttr()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_router(cls, kind: str) -> str:
+        return registered(ROUTERS, kind)
+
+    @model_validator(mode="after")
+    def _resolve_kind_options(self) -> RouterSpec:
+        schema = ROUTERS.get(self.kind).Options
+        self._kind_options = check_options(
+            schema,
+            self.options,
+            owner=f"router {self.kind!r}",
+            also_known=list(RouterSpec.model_fields),
+        )
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The kind's own options as given (the keys that are not common router settings)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def kind_options(self) -> RouterOptions:
+        """The kind's options model: `options` checked, its defaults filled in."""
+        return self._kind_options
+
+    @property
+    def trainable(self) -> bool:
+        return ROUTERS.get(self.kind).trainable
 
 
 @dataclass
@@ -46,13 +91,9 @@ class OracleBatch:
     mass: list[Tensor]  # per layer [N, E]
 
 
-def _moes(model: nn.Module) -> list[MoEFFN]:
-    return [m for m in model.modules() if isinstance(m, MoEFFN)]
-
-
 @contextmanager
 def _swapped_routers(model: nn.Module, make_router, combine: str | None = None) -> Iterator[None]:
-    moes = _moes(model)
+    moes = moe_layers(model)
     saved = [(m.router, m.combine) for m in moes]
     try:
         for m in moes:
@@ -77,7 +118,7 @@ def oracle_routing(model: nn.Module):
 def oracle_batch(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> OracleBatch:
     device = next(model.parameters()).device
     ids, attention_mask = ids.to(device), attention_mask.to(device)
-    moes = _moes(model)
+    moes = moe_layers(model)
     keep = attention_mask.reshape(-1).bool()
     hidden: list[Tensor] = [None] * len(moes)
 
@@ -121,7 +162,7 @@ class OracleCache:
         return batch
 
 
-def router_loss(logits: Tensor, mass: Tensor, top_k: int, settings: TrainSettings) -> Tensor:
+def router_loss(logits: Tensor, mass: Tensor, top_k: int, settings: RouterSpec) -> Tensor:
     """Read-ME's router loss: (1 - w) x smoothed CE on the oracle top-k + w x soft CE.
     (The pre-gating router's loss is this, averaged over layers.)"""
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -152,35 +193,41 @@ def router_logits(model: nn.Module, batch: OracleBatch) -> list[Tensor]:
     if network is not None:
         shared = network(batch.ids)[batch.mask]
         return [shared] * len(batch.mass)
-    return [m.router.scores(h) for m, h in zip(_moes(model), batch.hidden, strict=True)]
+    return [m.router.scores(h) for m, h in zip(moe_layers(model), batch.hidden, strict=True)]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     network = _pregate(model)
     if network is not None:
         return list(network.parameters())
-    return [p for m in _moes(model) if m.router.trainable for p in m.router.parameters()]
+    return [p for m in moe_layers(model) if m.router.trainable for p in m.router.parameters()]
 
 
 def train_routers(
     model: nn.Module,
     sequences: list[list[int]],
-    settings: TrainSettings,
+    settings: RouterSpec,
     pad_id: int,
     progress: bool = True,
+    *,
+    load_balance: float = 0.0,
+    seed: int = 0,
 ) -> list[float]:
-    """Fit the model's routers to the dense oracle; returns the loss curve."""
+    """Fit the model's routers to the dense oracle; returns the loss curve.
+
+    `load_balance` weighs a Switch-style balance loss (recovery's router rounds add it);
+    `seed` orders the batches."""
     params = trainable_parameters(model)
     if not params:
         return []
     for p in params:
         p.requires_grad_(True)
-    top_k = _moes(model)[0].router.top_k
+    top_k = moe_layers(model)[0].router.top_k
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
-    order = random.Random(settings.seed)
+    order = random.Random(seed)
     batches = list(padded_batches(sequences, settings.batch_size, pad_id))
-    labels = OracleCache(model, batches, settings.cache_bytes)
+    labels = OracleCache(model, batches, ORACLE_CACHE_BYTES)
     losses = []
     was_training = model.training
     model.eval()  # no dropout in the backbone that produces the labels
@@ -190,9 +237,9 @@ def train_routers(
             with torch.enable_grad():
                 pairs = list(zip(router_logits(model, batch), batch.mass, strict=True))
                 loss = sum(router_loss(z, m, top_k, settings) for z, m in pairs) / len(pairs)
-                if settings.load_balance:
+                if load_balance:
                     balance = sum(balance_loss(z, top_k) for z, _ in pairs) / len(pairs)
-                    loss = loss + settings.load_balance * balance
+                    loss = loss + load_balance * balance
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -209,7 +256,7 @@ def routing_quality(
 ) -> dict:
     """Per layer: top-k recall against the oracle and load balance; plus the oracle's own
     cross-layer agreement (how well any single shared decision could do)."""
-    moes = _moes(model)
+    moes = moe_layers(model)
     top_k, num_experts = moes[0].router.top_k, moes[0].num_experts
     hits = torch.zeros(len(moes))
     load = torch.zeros(len(moes), num_experts)
@@ -254,7 +301,7 @@ def _chosen_experts(model: nn.Module, batch: OracleBatch) -> list[Tensor]:
     if network is not None:
         picked = network.select(network(batch.ids)[batch.mask]).indices
         return [picked] * len(batch.mass)
-    return [m.router(h, m).indices for m, h in zip(_moes(model), batch.hidden, strict=True)]
+    return [m.router(h, m).indices for m, h in zip(moe_layers(model), batch.hidden, strict=True)]
 
 
 def _overlap(picked: Tensor, truth: Tensor) -> float:

@@ -110,12 +110,12 @@ class OnnxGraph:
 
 class Pt2Graph:
     """A `torch.export` program, or its AOTInductor package when the bundle has one (`path`
-    is then the package's); needs torch (and recast's export ops for MoE graphs)."""
+    is then the package's); needs torch (and `recast.ops` for MoE graphs)."""
 
     def __init__(self, path: Path, spec: dict, device: str | None):
         import torch
 
-        from ..export import ops  # noqa: F401  registers recast::routed_experts
+        from .. import ops  # noqa: F401  registers recast::routed_experts
 
         self.torch = torch
         self.device = "cuda" if device == "cuda" else "cpu"

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import RuntimeInputError
 from .generate import Sampling, check_count, decode_loop
+from .session import load
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -59,3 +60,50 @@ def measure(
         per_run = total / runs - prefill_s  # the loop's first step is the prefill
         result["decode_tokens_per_s"] = batch * (new_tokens - 1) / max(per_run, 1e-9)
     return result
+
+
+def compare(
+    bundles: list,
+    batch: int = 1,
+    length: int = 64,
+    new_tokens: int = 32,
+    repeat: int = 20,
+    device: str | None = None,
+    threads: int | None = None,
+) -> list[dict]:
+    """`measure` each bundle in turn: one row per bundle, with its precision and the parity
+    record's largest error."""
+    rows = []
+    for bundle in bundles:
+        session = load(bundle, device=device, threads=threads)
+        result = measure(session, batch, length, new_tokens, repeat)
+        rows.append(
+            {
+                "bundle": bundle,
+                "precision": session.manifest["precision"],
+                "parity_error": session.manifest["parity"]["max_error"],
+                **result,
+            }
+        )
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    """`compare`'s rows as a table; the first bundle is the baseline of the speedup column."""
+    base = rows[0]["prefill"]["p50_ms"]
+    lines = [
+        f"{'bundle':<32} {'precision':>9} {'parity':>9} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'p99 ms':>8} {'speedup':>8} {'decode tok/s':>13}"
+    ]
+    for row in rows:
+        p = row["prefill"]
+        decode = row.get("decode_tokens_per_s")
+        lines.append(
+            f"{str(row['bundle'])[-32:]:<32} {row['precision']:>9} {row['parity_error']:>9.1e} "
+            f"{p['p50_ms']:>8.2f} {p['p95_ms']:>8.2f} {p['p99_ms']:>8.2f} "
+            f"{base / p['p50_ms']:>7.2f}x {'-' if decode is None else f'{decode:.1f}':>13}"
+        )
+    lines.append(
+        f"(batch {rows[0]['batch']} x {rows[0]['length']} tokens; speedup vs the first bundle)"
+    )
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ computes. `cold=True` also drops released experts from the OS page cache, so tha
 a real storage read, as on a device whose memory cannot hold the experts.
 
 `ExpertCache` holds at most `capacity` experts, evicting by the same policy classes as the
-simulator (`recast.runtime.simulate`), so a live cache and a replayed trace agree on hits.
+simulator (`recast.runtime.policies`), so a live cache and a replayed trace agree on hits.
 `Session` feeds offload graphs from it.
 """
 
@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OffloadError
-from .manifest import MANIFEST, bundle_file, read_manifest
-from .simulate import Belady, choose_victim, make_policy
+from ..markers import MANIFEST
+from .manifest import bundle_file, read_manifest
+from .policies import Belady, choose_victim, make_policy
 
 STORE_DIR = "experts"
 DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}

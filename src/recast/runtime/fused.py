@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
+from google.protobuf.message import Message
 
 from ..errors import RuntimeInputError
 from .backends import OnnxGraph
 from .manifest import bundle_file
+from .onnx_proto import read_model
 
 SIZES = [(1, 1), (2, 7), (3, 12)]  # per case: the sizes given to the 1st, 2nd, ... symbolic dim
 
@@ -45,16 +46,17 @@ class FusedRunner:
             if key == tuple(self.models):
                 self.graphs[key] = OnnxGraph(self.path, self.device, self.threads)
             else:
-                whole = onnx.load(str(self.path), load_external_data=False)
-                pruned = prune(whole, self.outputs_of(key))
+                pruned = prune(read_model(self.path), self.outputs_of(key))
                 self.graphs[key] = OnnxGraph(
                     pruned, self.device, self.threads, folder=self.path.parent
                 )
         return self.graphs[key]
 
 
-def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """`model` reduced to the nodes, weights and inputs that `outputs` depend on."""
+def prune(model: Message, outputs: list[str]) -> Message:
+    """`model` (a ModelProto: `onnx_proto`'s, or onnx's own) reduced to the nodes, weights and
+    inputs that `outputs` depend on; everything else about it (opsets, metadata, functions)
+    stays as it was."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     needed, stack = set(), list(outputs)
@@ -66,16 +68,20 @@ def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
         node = producer.get(name)
         if node is not None:
             stack.extend(t for t in node.input if t)
-    keep = [n for n in graph.node if any(o in needed for o in n.output)]
-    pruned = onnx.helper.make_graph(
-        keep,
-        graph.name,
-        [v for v in graph.input if v.name in needed],
-        [v for v in graph.output if v.name in outputs],
-        [t for t in graph.initializer if t.name in needed],
-    )
-    result = onnx.helper.make_model(pruned, opset_imports=model.opset_import)
-    result.ir_version = model.ir_version
+    wanted = {
+        "node": lambda node: any(out in needed for out in node.output),
+        "input": lambda value: value.name in needed,
+        "output": lambda value: value.name in outputs,
+        "value_info": lambda value: value.name in needed,
+        "initializer": lambda tensor: tensor.name in needed,
+        "sparse_initializer": lambda sparse: sparse.values.name in needed,
+    }
+    result = type(model)()
+    result.CopyFrom(model)
+    for field, keep in wanted.items():
+        kept = getattr(result.graph, field)
+        del kept[:]
+        kept.extend(item for item in getattr(graph, field) if keep(item))
     return result
 
 

@@ -22,6 +22,20 @@ def check_count(name: str, value, least: int = 0) -> None:
         raise RuntimeInputError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position of each token counting only attended ones (left padding starts at 0)."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+
+
+def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A graph's `present.*` outputs, named as the `past.*` inputs of its next call."""
+    return {
+        name.replace("present.", "past."): value
+        for name, value in outputs.items()
+        if name.startswith("present.")
+    }
+
+
 @dataclass
 class Sampling:
     do_sample: bool = False
@@ -79,8 +93,6 @@ class Decoder:
         the router's choice for `new` when it is known ahead (the router cache must then cover
         `new`, and its expert accesses be planned already); `upcoming`: the routing of the
         step after this one, whose experts are read ahead while this one computes."""
-        from .session import _presents_as_past, positions
-
         feeds = {
             "input_ids": new,
             "attention_mask": mask,
@@ -95,7 +107,7 @@ class Decoder:
             if upcoming is not None:
                 self.session.experts.prefetch(self.session.expert_accesses(upcoming))
         out = self.session.run({**feeds, **self.cache})
-        self.cache = _presents_as_past(out)
+        self.cache = presents_as_past(out)
         return out["logits"]
 
 

@@ -7,7 +7,7 @@ not lead outside the bundle. Checksums give integrity, not authenticity (whoever
 bundle can recompute them): `expect_sha256` pins the manifest itself, and with it, through
 its checksums, every file.
 
-Torch-free (json, hashlib, pydantic; onnx to read a graph's external data references): the
+Torch-free (json, hashlib, and protobuf to read a graph's external data references): the
 runtime verifies bundles without the export stack installed.
 """
 
@@ -17,13 +17,14 @@ import hashlib
 import json
 from pathlib import Path, PurePosixPath
 
-from pydantic import ValidationError
+from google.protobuf.message import DecodeError
 
-from ..atomic import MARKER
 from ..errors import BundleIntegrityError
-from .schema import Manifest, relative_name
+from ..markers import MANIFEST, MARKER
+from . import onnx_proto
+from .schema import check_manifest, relative_name
+from .typed_json import Mismatch
 
-MANIFEST = "manifest.json"
 BUNDLE_FORMAT_VERSION = 1
 FIX = "export the bundle again"
 
@@ -52,7 +53,7 @@ def file_records(directory: Path) -> dict[str, dict]:
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Write `manifest.json`, checked against the schema the runtime reads it with, so that a
     writer drifting from the schema fails at export, not in a user's load."""
-    Manifest.model_validate(manifest)
+    check_manifest(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
@@ -108,15 +109,9 @@ def _parse(raw: bytes, path: Path) -> dict:
             f"{BUNDLE_FORMAT_VERSION}: upgrade recast"
         )
     try:
-        Manifest.model_validate(manifest)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise BundleIntegrityError(
-            f"{path} does not fit the bundle format: {where + ': ' if where else ''}{message}; "
-            f"{FIX}"
-        ) from None
+        check_manifest(manifest)
+    except Mismatch as exc:
+        raise BundleIntegrityError(f"{path} does not fit the bundle format: {exc}; {FIX}") from None
     return manifest
 
 
@@ -155,41 +150,15 @@ def _inside(bundle: Path, name: str) -> Path:
 def _check_external_data(bundle: Path, graph: str, manifest: dict) -> None:
     """onnxruntime opens the files an ONNX graph's tensors name as external data itself
     (relative to the graph), so they must be listed bundle files too."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     try:
-        model = onnx.load(str(bundle / graph), load_external_data=False)
+        model = onnx_proto.read_model(bundle / graph)
     except (DecodeError, OSError) as exc:
         raise BundleIntegrityError(
             f"{bundle}: {graph} is not a readable ONNX graph; {FIX}"
         ) from exc
     folder = PurePosixPath(graph).parent
-    locations = {
-        entry.value
-        for tensor in _tensors(model)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    for location in sorted(locations):
+    for location in sorted(onnx_proto.external_locations(model)):
         bundle_file(bundle, str(folder / location), manifest, named_by=f"{graph}'s external data")
-
-
-def _tensors(message):
-    """Every TensorProto in an ONNX proto: initializers, constants, sparse tensors, subgraphs,
-    functions (a walk of the whole message, so no place onnxruntime reads is missed; only
-    the type annotations of values, which hold no tensors, are skipped for speed)."""
-    import onnx
-    from google.protobuf.message import Message
-
-    for field, value in message.ListFields():
-        if field.message_type is None:
-            continue
-        for item in [value] if isinstance(value, Message) else value:
-            if isinstance(item, onnx.TensorProto):
-                yield item
-            elif not isinstance(item, onnx.ValueInfoProto):
-                yield from _tensors(item)
 
 
 def _check_file(bundle: Path, name: str, record: dict, manifest: dict) -> None:
@@ -220,56 +189,3 @@ def manifest_sha256(bundle: Path) -> str:
 def pin_line(bundle: Path) -> str:
     """The line `recast export` and `recast inspect` print for users to pin the bundle."""
     return f"  sha256          {manifest_sha256(bundle)} (of {MANIFEST}; pin it: --expect-sha256)"
-
-
-def summary(bundle: Path, manifest: dict) -> str:
-    """What `recast inspect BUNDLE` prints: kind, precision, graphs, routing, parity, size."""
-    model, routing, parity = manifest["model"], manifest.get("routing"), manifest["parity"]
-    size = sum(f["size"] for f in manifest["files"].values())
-    pin = pin_line(bundle)
-    if manifest["kind"] == "fused":
-        first, *rest = _fused_summary(bundle, manifest, size)
-        return "\n".join([first, pin, *rest])
-    lines = [
-        f"{bundle}: {manifest['kind']} {manifest['artifact']} bundle for {manifest['target']}, "
-        f"{manifest['precision']}, {size / 2**20:.1f} MiB, recast {manifest['recast_version']}",
-        pin,
-        f"  source          {manifest['source']}",
-        f"  model           {model['family']}, vocab {model['vocab_size']}, hidden "
-        f"{model['hidden_size']}, max positions {model['max_positions']}",
-        "  graphs          "
-        + ", ".join(f"{name} ({spec['file']})" for name, spec in manifest["graphs"].items()),
-    ]
-    if routing is None:
-        lines.append("  routing         dense (no experts)")
-    else:
-        lines.append(
-            f"  routing         {routing['experts']} experts, top-{routing['top_k']}, "
-            f"{routing['router']['kind']} router{' (ahead of the backbone)' if routing['pregate'] else ''}, "
-            f"MoE op {routing['moe_op']}"
-        )
-    lines.append(
-        f"  parity          {parity['metric']} {parity['max_error']:.2e} <= {parity['tolerance']:g} "
-        f"over {len(parity['cases'])} cases, experts exercised {parity['experts_exercised']:.0%}"
-    )
-    if parity.get("experts_never_chosen"):
-        lines.append(f"  never chosen    {parity['experts_never_chosen']} (layer, expert)")
-    if manifest.get("profile"):
-        from .profile import describe
-
-        lines.extend(describe(manifest["profile"]))
-    return "\n".join(lines)
-
-
-def _fused_summary(bundle: Path, manifest: dict, size: int) -> list[str]:
-    from .fused import describe
-
-    parity = manifest["parity"]
-    return [
-        f"{bundle}: fused {manifest['artifact']} bundle for {manifest['target']}, "
-        f"{manifest['precision']}, {size / 2**20:.1f} MiB, recast {manifest['recast_version']}",
-        *describe(manifest["fusion"]),
-        "  parity          "
-        + ", ".join(f"{m} {e:.2e}" for m, e in parity["models"].items())
-        + f" <= {parity['tolerance']:g} ({parity['metric']}, {len(parity['cases'])} cases)",
-    ]

@@ -2,17 +2,17 @@
 types, so a manifest that does not fit is refused at load (one `BundleIntegrityError`) instead
 of failing later as a KeyError or TypeError deep in the runtime.
 
-Fields the runtime tests for presence (`"cache" in model`) are typed `X = None`: they may be
-absent, but a `null` is refused. Keys not listed here are ignored (newer bundles may add some).
+Each record is the TypedDict of the dict the runtime reads (checked by `typed_json`). Fields
+the runtime tests for presence (`"cache" in model`) are `NotRequired[X]`: they may be absent,
+but a `null` is refused. Keys not listed here are ignored (newer bundles may add some).
 """
 
-from __future__ import annotations
-
 from pathlib import PurePath, PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NotRequired, TypedDict
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from .typed_json import Mismatch, at_least, conform, length, matches
 
 
 def relative_name(name: str) -> str:
@@ -30,144 +30,137 @@ def relative_name(name: str) -> str:
     return name
 
 
-def _numpy_dtype(name: str) -> str:
+def _numpy_dtype(name: str) -> None:
     try:
         np.dtype(name)
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):  # numpy parses "a,b" as Python: ","
         raise ValueError(f"{name!r} is not a numpy dtype") from None
-    return name
 
 
-Name = Annotated[str, AfterValidator(relative_name)]
-DType = Annotated[str, AfterValidator(_numpy_dtype)]
-Count = Annotated[int, Field(ge=0)]
-Size = Annotated[int, Field(ge=1)]
+Name = Annotated[str, relative_name]
+DType = Annotated[str, _numpy_dtype]
+Count = Annotated[int, at_least(0)]
+Size = Annotated[int, at_least(1)]
 
 
-class Record(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-
-class FileRecord(Record):
-    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+class FileRecord(TypedDict):
+    sha256: Annotated[str, matches("^[0-9a-f]{64}$")]
     size: Count
 
 
-class Tensor(Record):
+class Tensor(TypedDict):
     name: str
     dtype: DType
     shape: list[int | str] | None
 
 
-class Graph(Record):
+class Graph(TypedDict):
     file: Name
     inputs: list[Tensor]
     outputs: list[Tensor]
-    compiled: Name | None = None  # pt2 --compile: the AOTInductor package that runs instead
-    quantization: dict | None = None
+    compiled: NotRequired[Name | None]  # pt2 --compile: the AOTInductor package that runs instead
+    quantization: NotRequired[dict | None]
 
 
-class Cache(Record):
+class Cache(TypedDict):
     layers: Count
     heads: Size
     head_dim: Size
 
 
-class Model(Record):
+class Model(TypedDict):
     family: str
     vocab_size: Size
     hidden_size: Size
     max_positions: Size | None
     eos_token_ids: list[Count]
     pad_token_id: Count
-    cache: Cache = None  # decoders
-    router_cache: Cache = None  # pre-gating decoders
+    cache: NotRequired[Cache]  # decoders
+    router_cache: NotRequired[Cache]  # pre-gating decoders
 
 
-class Router(Record, extra="allow"):
-    kind: str
+class Router(TypedDict):
+    kind: str  # the other keys are the router's own settings, kept as they are
 
 
-class Routing(Record):
+class Routing(TypedDict):
     experts: Size
     top_k: Size
     combine: str
     router: Router
     pregate: bool
-    offload: bool = False
+    offload: NotRequired[bool]
     moe_op: str
     expert_widths: list[Count]
-    expert_params: Count | None = None
+    expert_params: NotRequired[Count | None]
     shared_widths: list[Count]
 
 
-class Parity(Record):
+class Parity(TypedDict):
     passed: bool
     precision: str
     tolerance: float
     metric: str
     max_error: float
     cases: list[dict]
-    experts_exercised: float = None  # model bundles
-    experts_never_chosen: list[list[int]] | None = None
-    models: dict[str, float] = None  # fused bundles: each model's largest error
+    experts_exercised: NotRequired[float]  # model bundles
+    experts_never_chosen: NotRequired[list[list[int]] | None]
+    models: NotRequired[dict[str, float]]  # fused bundles: each model's largest error
 
 
-class Fit(Record):
+class Fit(TypedDict):
     fixed_ms: float
     per_unit_ms: float
 
 
-class ProfileCase(Record):
+class ProfileCase(TypedDict):
     batch: Count
     length: Count
     prefill_ms: float
-    decode_step_ms: float | None = None
+    decode_step_ms: NotRequired[float | None]
     memory_bytes: Count
 
 
-class Profile(Record):
+class Profile(TypedDict):
     machine: str
-    providers: Annotated[list[str], Field(min_length=1)]
+    providers: Annotated[list[str], length(1)]
     resident_weight_bytes: Count
     expert_weight_bytes: Count
     kv_bytes_per_token: Count
     cases: list[ProfileCase]
     prefill_fit: Fit
-    decode_fit: Fit = None  # decoders
+    decode_fit: NotRequired[Fit]  # decoders
 
 
-class FusedModel(Record):
+class FusedModel(TypedDict):
     source: str
     inputs: dict[str, str]
     outputs: dict[str, str]
-    max_positions: Size | None = None
+    max_positions: NotRequired[Size | None]
 
 
-class FusedInput(Record):
+class FusedInput(TypedDict):
     name: str
     dtype: DType
     shape: list[int | str]
     # how example values are made: a kind, or the [low, high) rows of the table ids index
-    values: (
-        Literal["ones", "normal", "small"] | Annotated[list[int], Field(min_length=2, max_length=2)]
-    )
+    values: Literal["ones", "normal", "small"] | Annotated[list[int], length(2, 2)]
 
 
-class Census(Record):
+class Census(TypedDict):
     ops: Count
     initializer_bytes: Count
     initializers: Count
     ops_per_model: dict[str, Count]
 
 
-class PassRecord(Record):
+class PassRecord(TypedDict):
     name: str
     rewrites: Count
     detail: dict
 
 
-class FusionReport(Record):
+class FusionReport(TypedDict):
     before: Census
     after: Census
     passes: list[PassRecord]
@@ -177,14 +170,14 @@ class FusionReport(Record):
     ops_by_models: dict[str, Count]
 
 
-class Fusion(Record):
-    models: Annotated[dict[str, FusedModel], Field(min_length=1)]
+class Fusion(TypedDict):
+    models: Annotated[dict[str, FusedModel], length(1)]
     inputs: list[FusedInput]
     dims: dict[str, int | str]
     report: FusionReport
 
 
-class Manifest(Record):
+class Manifest(TypedDict):
     format_version: int
     recast_version: str
     artifact: Literal["onnx", "pt2"]
@@ -192,35 +185,42 @@ class Manifest(Record):
     source: str
     target: Literal["cpu", "cuda"]
     precision: str
-    export: dict | None = None
+    export: NotRequired[dict | None]
     model: Model | None
-    routing: Routing | None = None
+    routing: NotRequired[Routing | None]
     graphs: dict[str, Graph]
     files: dict[Name, FileRecord]
     parity: Parity | None  # None only while the export runs its parity gate
-    profile: Profile | None = None
-    fusion: Fusion = None  # fused bundles
+    profile: NotRequired[Profile | None]
+    fusion: NotRequired[Fusion]  # fused bundles
 
-    @model_validator(mode="after")
-    def _fits_its_kind(self) -> Manifest:
-        if "model" not in self.graphs:
-            raise ValueError("graphs has no 'model' graph")
-        fused, model, parity = self.kind == "fused", self.model, self.parity
-        lacking = {
-            "fusion": fused and self.fusion is None,
-            "artifact onnx": fused and self.artifact != "onnx",
-            "parity.models": fused and parity is not None and parity.models is None,
-            "model": not fused and model is None,
-            "model.cache": self.kind == "decoder" and model is not None and model.cache is None,
-            "model.router_cache": not fused
-            and "router" in self.graphs
-            and model is not None
-            and model.router_cache is None,
-            "parity.experts_exercised": not fused
-            and parity is not None
-            and parity.experts_exercised is None,
-        }
-        missing = [name for name, absent in lacking.items() if absent]
-        if missing:
-            raise ValueError(f"a {self.kind} bundle's manifest needs {missing[0]}")
-        return self
+
+def check_manifest(manifest: object) -> None:
+    """Raise `Mismatch` (a ValueError naming the field) unless `manifest` fits the schema."""
+    conform(manifest, Manifest)
+    _fits_its_kind(manifest)
+
+
+def _fits_its_kind(manifest: Manifest) -> None:
+    """The sections a manifest's kind needs, beyond what each field's type says."""
+    graphs, kind = manifest["graphs"], manifest["kind"]
+    if "model" not in graphs:
+        raise Mismatch("graphs has no 'model' graph")
+    fused, model, parity = kind == "fused", manifest["model"], manifest["parity"]
+    lacking = {
+        "fusion": fused and "fusion" not in manifest,
+        "artifact onnx": fused and manifest["artifact"] != "onnx",
+        "parity.models": fused and parity is not None and "models" not in parity,
+        "model": not fused and model is None,
+        "model.cache": kind == "decoder" and model is not None and "cache" not in model,
+        "model.router_cache": not fused
+        and "router" in graphs
+        and model is not None
+        and "router_cache" not in model,
+        "parity.experts_exercised": not fused
+        and parity is not None
+        and "experts_exercised" not in parity,
+    }
+    missing = [name for name, absent in lacking.items() if absent]
+    if missing:
+        raise Mismatch(f"a {kind} bundle's manifest needs {missing[0]}")

@@ -14,9 +14,11 @@ import numpy as np
 
 from ..errors import BundleIntegrityError, RuntimeInputError
 from .backends import OnnxGraph, Pt2Graph, onnxruntime_errors
-from .fused import FusedRunner
-from .generate import Sampling, check_count, decode_loop
+from .experts import ExpertCache, ExpertStore
+from .fused import FusedRunner, check_lengths, check_ranges
+from .generate import Sampling, check_count, decode_loop, positions, presents_as_past
 from .manifest import bundle_file, read_manifest
+from .profile import expert_budget
 
 
 class Session:
@@ -91,9 +93,6 @@ class Session:
     def _expert_cache(self, cache, memory_budget, policy, prefetch, cold):
         """The cache an offload bundle's experts are fed from: `cache` experts, as many as
         fit in what `memory_budget` leaves after the resident weights, or all of them."""
-        from .experts import ExpertCache, ExpertStore
-        from .profile import expert_budget
-
         store = ExpertStore(self.bundle, cold=cold, manifest=self.manifest)
         if cache is None and memory_budget is None:
             cache = len(store.layers) * self.routing["experts"]
@@ -176,8 +175,6 @@ class Session:
         return self.graphs[graph].run(feeds)
 
     def _run_fused(self, feeds: dict, models: list[str]) -> dict[str, np.ndarray]:
-        from .fused import check_lengths, check_ranges
-
         graph = self._guarded(self.fused.graph, models)
         known = {i["name"] for i in self.fused.fusion["inputs"]}
         unknown = [n for n in feeds if n not in known]
@@ -246,7 +243,7 @@ class Session:
         return {
             "expert_indices": out["expert_indices"],
             "expert_weights": out["expert_weights"],
-            "cache": _presents_as_past(out),
+            "cache": presents_as_past(out),
         }
 
     def forward(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
@@ -371,15 +368,6 @@ class Session:
         return out if np.ndim(prompt) == 2 else out[0]
 
 
-def _presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A graph's `present.*` outputs, named as the `past.*` inputs of its next call."""
-    return {
-        name.replace("present.", "past."): value
-        for name, value in outputs.items()
-        if name.startswith("present.")
-    }
-
-
 def _check_text(text) -> None:
     if not isinstance(text, str):
         raise RuntimeInputError(f"texts must be strings, got {type(text).__name__} {text!r:.60}")
@@ -416,11 +404,6 @@ def as_batch(values, name: str = "input_ids") -> np.ndarray:
             "wrap a single sequence as [ids]"
         )
     return array
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position of each token counting only attended ones (left padding starts at 0)."""
-    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
 
 
 def load(bundle: str | Path, device: str | None = None, **options) -> Session:

@@ -6,10 +6,11 @@ experts once, so the access stream is, step by step and layer by layer, the (lay
 pairs used. A cache holds `capacity` experts (any layer's); a miss loads one expert; a step's
 experts are not evicted while it runs (they are fed to one graph call together).
 
-Policies: `lru` (evict the least recently used), `lfu` (the least frequently used so far,
-ties to the least recent) and `belady` (the one whose next use is furthest away, or never:
-optimal when the future is known, which a pre-gating router gives a runtime for a whole
-batch). Belady's hit count bounds every other policy's from above.
+Policies (`recast.runtime.policies`, shared with the runtime's expert cache): `lru` (evict
+the least recently used), `lfu` (the least frequently used so far, ties to the least recent)
+and `belady` (the one whose next use is furthest away, or never: optimal when the future is
+known, which a pre-gating router gives a runtime for a whole batch). Belady's hit count
+bounds every other policy's from above.
 
 Trace files (`recast-trace`, version 1) are JSON:
 
@@ -25,9 +26,7 @@ Trace files (`recast-trace`, version 1) are JSON:
 
 from __future__ import annotations
 
-import bisect
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +34,9 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..errors import TraceError
+from .policies import choose_victim, make_policy
 
 TRACE_FORMAT, TRACE_VERSION = "recast-trace", 1
-POLICIES = ("lru", "lfu", "belady")
 
 
 @dataclass
@@ -160,86 +159,6 @@ def simulate(trace: Trace, policy: str, capacity: int) -> CacheResult:
     return result
 
 
-def choose_victim(policy, cached: set, pinned: set):
-    """The cached item to evict: `policy`'s choice among those the running step does not use
-    (a step's experts are all fed to one graph call, so they must be in memory together); among
-    all of them only when the step alone needs more than the cache holds."""
-    return policy.victim((cached - pinned) or cached)
-
-
-def make_policy(policy: str, future: list = ()):
-    """An eviction policy; `belady` starts from the accesses known to come (`future`; more
-    can be announced later with `extend`)."""
-    if policy not in POLICIES:
-        raise TraceError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    if policy == "belady":
-        return Belady(future)
-    return {"lru": LRU, "lfu": LFU}[policy]()
-
-
-class LRU:
-    """Evict the least recently used."""
-
-    def __init__(self):
-        self.clock = 0
-        self.last: dict = {}
-
-    def used(self, item) -> None:
-        self.clock += 1
-        self.last[item] = self.clock
-
-    def victim(self, cached: set):
-        return min(cached, key=lambda item: self.last.get(item, 0))
-
-
-class LFU(LRU):
-    """Evict the least frequently used so far (every access counts, cached or not); ties go
-    to the least recently used."""
-
-    def __init__(self):
-        super().__init__()
-        self.count: dict = {}
-
-    def used(self, item) -> None:
-        super().used(item)
-        self.count[item] = self.count.get(item, 0) + 1
-
-    def victim(self, cached: set):
-        return min(cached, key=lambda item: (self.count.get(item, 0), self.last.get(item, 0)))
-
-
-class Belady(LRU):
-    """Evict the item whose next use is furthest away. The access sequence comes from
-    `extend` (a pre-gating router plans whole batches); `used` must then be called for its
-    items in order. Items with no known next use (never again, or beyond what is planned so
-    far) go first, the least recently used of them first: with a short plan (a decode step)
-    the rule falls back to LRU instead of an arbitrary order."""
-
-    def __init__(self, future: list = ()):
-        super().__init__()
-        self.uses: dict = {}
-        self.length = 0
-        self.position = 0
-        self.extend(future)
-
-    def extend(self, future: list) -> None:
-        for t, item in enumerate(future, start=self.length):
-            self.uses.setdefault(item, []).append(t)
-        self.length += len(future)
-
-    def used(self, item) -> None:
-        super().used(item)
-        self.position += 1
-
-    def next_use(self, item) -> float:
-        uses = self.uses.get(item, [])
-        i = bisect.bisect_left(uses, self.position)
-        return uses[i] if i < len(uses) else math.inf
-
-    def victim(self, cached: set):
-        return max(cached, key=lambda item: (self.next_use(item), -self.last.get(item, 0)))
-
-
 def builtin_batches(session, sequences: int = 32, length: int = 64, batch: int = 8):
     """Token-id batches of English text (Python's own pydoc topics, no extra packages) through
     the bundle's tokenizer: calibration-like data for `trace_from_routes`."""
@@ -287,3 +206,60 @@ def expert_bytes(session) -> int | None:
     routing = session.manifest.get("routing") or {}
     params = routing.get("expert_params")
     return None if params is None else 4 * params
+
+
+def sweep(trace: Trace, policies: list[str], capacities: list[int]) -> list[dict]:
+    """`simulate` for every policy and capacity: one row (plain values, for JSON) each."""
+    rows = []
+    for policy in policies:
+        for capacity in capacities:
+            result = simulate(trace, policy, capacity)
+            rows.append(
+                {
+                    "policy": result.policy,
+                    "capacity": result.capacity,
+                    "hit_rate": result.hit_rate,
+                    "hits": result.hits,
+                    "misses": result.misses,
+                    "bytes_loaded": result.bytes_loaded,
+                }
+            )
+    return rows
+
+
+def format_sweep(trace: Trace, rows: list[dict]) -> str:
+    """`sweep`'s rows as a table, with the trace's size below."""
+    lines = [f"{'policy':<8} {'cache':>6} {'hit rate':>9} {'misses':>8} {'MiB loaded':>11}"]
+    for row in rows:
+        loaded = "-" if row["bytes_loaded"] is None else f"{row['bytes_loaded'] / 2**20:.1f}"
+        lines.append(
+            f"{row['policy']:<8} {row['capacity']:>6} {row['hit_rate']:>9.3f} "
+            f"{row['misses']:>8} {loaded:>11}"
+        )
+    lines.append(
+        f"({len(trace.steps)} steps, {trace.layers} layers x {trace.experts} experts = "
+        f"{trace.layers * trace.experts}; {trace.unique_per_step():.1f} distinct experts per step)"
+    )
+    return "\n".join(lines)
+
+
+def hit_rate_chart(rows: list[dict], total: int, path: str | Path, overwrite: bool) -> None:
+    """Draw `sweep`'s hit rates against capacity (of `total` experts), a line per policy, to
+    a PNG; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TraceError("--png needs matplotlib (pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy]
+        ax.plot([r["capacity"] for r in mine], [r["hit_rate"] for r in mine], "o-", label=policy)
+    ax.set_xlabel(f"cache capacity (experts, of {total})")
+    ax.set_ylabel("hit rate")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(path, overwrite, suffix=".png") as temp:
+        fig.savefig(temp, dpi=120)  # a PNG: the temp's name ends in .png too

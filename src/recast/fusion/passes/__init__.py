@@ -1,4 +1,5 @@
-"""Fusion passes, one per file, run in this order by `recast.fusion.fuse`:
+"""Fusion passes, one per file. `recast.fusion.fuse` runs `reconcile_opsets` on the models,
+then `run_passes` on the fused graph, in this order:
 
     opset       the models' default-domain opsets brought to the highest (ONNX version converter)
     inputs      inputs that are the same tensor become one graph input
@@ -12,14 +13,41 @@ Each reports its rewrite count (and what it saved) in a `PassResult`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+
+from ..graph import FusionGraph
+from .base import GraphPass, PassResult
+from .cse import CommonSubexpressions
+from .dead_nodes import DeadNodes
+from .dedup import DeduplicateInitializers
+from .horizontal import HorizontalFusion
+from .inputs import UnifyInputs
+from .opset import reconcile_opsets
+
+log = logging.getLogger("recast")
+
+# Run order. `dead` comes before `horizontal`, which would merge work for dropped outputs
+# into work that is kept.
+PASSES: tuple[type[GraphPass], ...] = (
+    UnifyInputs,
+    DeduplicateInitializers,
+    CommonSubexpressions,
+    DeadNodes,
+    HorizontalFusion,
+)
+GRAPH_PASSES = tuple(graph_pass.name for graph_pass in PASSES)  # the ones a recipe may skip
 
 
-@dataclass
-class PassResult:
-    name: str
-    rewrites: int
-    detail: dict = field(default_factory=dict)
+def run_passes(graph: FusionGraph, skip=(), **settings) -> list[PassResult]:
+    """Every pass not in `skip`, in order, each built with the settings it `takes`."""
+    results = []
+    for graph_pass in PASSES:
+        if graph_pass.name in skip:
+            continue
+        result = graph_pass(**{key: settings[key] for key in graph_pass.takes}).run(graph)
+        log.info("pass %s: %d rewrites", graph_pass.name, result.rewrites)
+        results.append(result)
+    return results
 
 
-GRAPH_PASSES = ("inputs", "dedup", "cse", "dead", "horizontal")  # the ones a recipe may skip
+__all__ = ["GRAPH_PASSES", "PASSES", "GraphPass", "PassResult", "reconcile_opsets", "run_passes"]

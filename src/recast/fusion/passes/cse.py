@@ -13,7 +13,7 @@ merged.
 from __future__ import annotations
 
 from ..graph import FusionGraph
-from . import PassResult
+from .base import GraphPass, PassResult
 
 RANDOM = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
 
@@ -30,7 +30,7 @@ def op_key(graph: FusionGraph, op: str) -> tuple:
     )
 
 
-class CommonSubexpressions:
+class CommonSubexpressions(GraphPass):
     name = "cse"
 
     def run(self, graph: FusionGraph) -> PassResult:

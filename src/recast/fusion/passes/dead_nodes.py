@@ -12,10 +12,10 @@ from __future__ import annotations
 import networkx as nx
 
 from ..graph import FusionGraph
-from . import PassResult
+from .base import GraphPass, PassResult
 
 
-class DeadNodes:
+class DeadNodes(GraphPass):
     name = "dead"
 
     def run(self, graph: FusionGraph) -> PassResult:

@@ -11,10 +11,10 @@ files are hashed from their byte ranges when the models are read, so nothing is 
 from __future__ import annotations
 
 from ..graph import FusionGraph
-from . import PassResult
+from .base import GraphPass, PassResult
 
 
-class DeduplicateInitializers:
+class DeduplicateInitializers(GraphPass):
     name = "dedup"
 
     def run(self, graph: FusionGraph) -> PassResult:

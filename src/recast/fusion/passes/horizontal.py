@@ -16,13 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import FusionGraph
-from . import PassResult
+from .base import GraphPass, PassResult
 
 MIN_GROUP = 2
 SPLIT_AS_INPUT = 13  # the opset from which Split takes its sizes as an input
 
 
-class HorizontalFusion:
+class HorizontalFusion(GraphPass):
     name = "horizontal"
 
     def run(self, graph: FusionGraph) -> PassResult:

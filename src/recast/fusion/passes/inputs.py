@@ -16,7 +16,7 @@ import onnx
 
 from ...errors import FusionError
 from ..graph import FusionGraph
-from . import PassResult
+from .base import GraphPass, PassResult
 
 
 def default_groups(graph: FusionGraph) -> dict[str, list[str]]:
@@ -28,8 +28,9 @@ def default_groups(graph: FusionGraph) -> dict[str, list[str]]:
     return {plain: keys for (plain, _), keys in groups.items() if len(keys) > 1}
 
 
-class UnifyInputs:
+class UnifyInputs(GraphPass):
     name = "inputs"
+    takes = ("shared_inputs",)
 
     def __init__(self, shared_inputs: dict[str, list[str]] | None = None):
         self.shared_inputs = shared_inputs

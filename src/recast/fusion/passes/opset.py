@@ -15,7 +15,7 @@ import onnx
 import onnx.version_converter
 
 from ...errors import FusionError
-from . import PassResult
+from .base import PassResult
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -1,4 +1,5 @@
-"""The recast output format: an HF-style directory that `AutoModel*.from_pretrained` loads.
+"""The recast output format (`output.format: recast`): an HF-style directory that
+`AutoModel*.from_pretrained` loads.
 
 `config.json` has `model_type: recast_moe` and wraps the dense model's config (`base_config`)
 plus the MoE layout (`recast`). Loading builds the dense architecture without initialising
@@ -10,7 +11,6 @@ result is the family's own transformers class (e.g. `LlamaForCausalLM`) with MoE
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -21,37 +21,16 @@ from transformers.initialization import no_init_weights
 
 from ..atomic import atomic_directory
 from ..errors import FormatError
-from ..refactor.build import attach_routers
+from ..models.families import Family, family_for
+from ..models.surgery import layer_modules, replace_module, tied_weights, untied_state
+from ..refactor.info import MoEInfo, info_of
 from ..refactor.moe import ExpertBank, MoEFFN
 from ..refactor.partition import ModelPartition
-from ..routers.oracle import AllRouter
-from .families import Family, family_for
-from .surgery import layer_modules, replace_module
+from ..routers import attach_routers
+from .base import OutputFormat, register_format
 
 MODEL_TYPE = "recast_moe"
 FORMAT_VERSION = 2  # 2: `recast.router` is a dict of kind and options
-
-
-@dataclass
-class MoEInfo:
-    """What a converted model carries besides its weights (kept as `model.recast`)."""
-
-    family: str
-    num_experts: int
-    top_k: int
-    combine: str
-    router: dict  # {"kind": ..., **that kind's options}
-    expert_widths: list[int]  # stacked (padded) width per layer
-    shared_widths: list[int]  # 0 where a layer has no shared expert
-    activation: str
-    bias: bool  # projections carry biases (GPT-2, BERT, Llama with mlp_bias)
-    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
-    partition: ModelPartition | None = None
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data.pop("partition")
-        return data
 
 
 class RecastMoEConfig(transformers.PretrainedConfig):
@@ -93,13 +72,6 @@ def register_auto_classes() -> None:
     transformers.AutoModel.register(RecastMoEConfig, RecastMoEModel, exist_ok=True)
 
 
-def info_of(model: nn.Module) -> MoEInfo:
-    info = getattr(model, "recast", None)
-    if not isinstance(info, MoEInfo):
-        raise FormatError("this model was not converted by recast (it has no MoE layout to save)")
-    return info
-
-
 def save(
     model: nn.Module, directory: str | Path, *, overwrite: bool = False, tokenizer=None
 ) -> Path:
@@ -133,6 +105,16 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(directory)
 
 
+@register_format
+class RecastFormat(OutputFormat):
+    """`output.format: recast`: any router and combine; its files load with recast."""
+
+    name = "recast"
+
+    def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
+        write_model(model, directory, tokenizer)
+
+
 def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
     """Replace each FFN with an MoE layer of the saved shapes (weights filled in by loading)."""
     hidden = model.config.hidden_size
@@ -145,9 +127,8 @@ def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
         if info.shared_widths[i]:
             shared = ExpertBank(1, info.shared_widths[i], hidden, info.activation, gated, biased)
         down_bias = torch.zeros(hidden) if biased else None
-        placeholder = AllRouter(info.num_experts)
         gate = nn.Linear(hidden, 1, bias=False) if info.shared_gate and shared is not None else None
-        moe = MoEFFN(experts, shared, down_bias, placeholder, info.combine, i, gate)
+        moe = MoEFFN(experts, shared, down_bias, None, info.combine, i, gate)
         replace_module(layer, family.ffn, moe)
         for path in family.identity:
             replace_module(layer, path, nn.Identity())
@@ -191,24 +172,6 @@ def load(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _tied(model: nn.Module) -> dict[str, str]:
-    """Tied parameter names (e.g. `lm_head.weight` -> the embedding it shares), per transformers."""
-    return getattr(model, "all_tied_weights_keys", None) or {}
-
-
-def untied_state(model: nn.Module) -> dict:
-    """The state dict with tied copies dropped (loading re-ties them), as safetensors requires."""
-    state = model.state_dict()
-    for target, source in _tied(model).items():
-        if (
-            target in state
-            and source in state
-            and state[target].data_ptr() == state[source].data_ptr()
-        ):
-            del state[target]
-    return {k: v.contiguous() for k, v in state.items()}
-
-
 def _load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = safetensors.torch.load_file(str(path))
@@ -223,10 +186,13 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise FormatError(
             f"{path} does not match its config.json: {str(exc).splitlines()[0]}"
         ) from exc
-    missing = [k for k in result.missing_keys if k not in _tied(model)]
+    missing = [k for k in result.missing_keys if k not in tied_weights(model)]
     if result.unexpected_keys or missing:
         raise FormatError(
             f"{path} does not match its config.json (missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]})"
         )
     model.tie_weights()
+
+
+register_auto_classes()  # importing the format makes transformers' Auto classes know it

@@ -1,4 +1,4 @@
-"""`recast::routed_experts`: what recast's MoE layer becomes in an exported graph.
+"""The ONNX lowerings of recast's MoE ops (`recast.ops`).
 
 Tracing the eager MoE layer would bake in the experts the example tokens happened to use (its
 loop runs over the experts present in the batch), so under export the layer calls this one op,
@@ -17,7 +17,7 @@ and each ONNX target lowers it its own way (measured in docs/PERFORMANCE.md, "Mo
   both of recast's combine modes) is folded into fc2. One kernel per layer: less per-node
   overhead at batch 1, and on CUDA it avoids the host syncs that NonZero costs.
 
-In pt2 programs the op stays as it is and runs its eager implementation below.
+In pt2 programs the ops stay as they are and run their eager implementations.
 """
 
 from __future__ import annotations
@@ -27,81 +27,8 @@ import onnx
 import torch
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
-from torch import Tensor
-from transformers.activations import ACT2FN
-
-from ..refactor.moe import slice_activations
 
 MOE_OPS = ("gather", "contrib")
-
-
-@torch.library.custom_op("recast::routed_experts", mutates_args=())
-def routed_experts(
-    x: Tensor,
-    indices: Tensor,
-    weights: Tensor,
-    up: Tensor,
-    gate: Tensor | None,
-    down: Tensor,
-    up_bias: Tensor | None,
-    gate_bias: Tensor | None,
-    activation: str,
-) -> Tensor:
-    """Sum over each token's chosen experts (`indices[T, k]`) of `weight * expert(x)`."""
-    act = ACT2FN[activation]
-    out = torch.zeros_like(x)
-    for expert in range(up.shape[0]):
-        token, slot = (indices == expert).nonzero(as_tuple=True)
-        if token.numel() == 0:
-            continue
-        h = slice_activations(
-            x[token],
-            up[expert],
-            None if gate is None else gate[expert],
-            None if up_bias is None else up_bias[expert],
-            None if gate_bias is None else gate_bias[expert],
-            act,
-        )
-        y = torch.nn.functional.linear(h, down[expert]) * weights[token, slot, None]
-        out.index_add_(0, token, y)
-    return out
-
-
-@routed_experts.register_fake
-def _(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("recast::routed_expert_list", mutates_args=())
-def routed_expert_list(
-    x: Tensor,
-    indices: Tensor,
-    weights: Tensor,
-    fc1: list[Tensor],
-    fc2: list[Tensor],
-    activation: str,
-    gated: bool,
-) -> Tensor:
-    """`routed_experts` with one `[H, (2 x) W]` / `[W, H]` weight pair per expert (offload)."""
-    act = ACT2FN[activation]
-    out = torch.zeros_like(x)
-    for expert, (first, second) in enumerate(zip(fc1, fc2, strict=True)):
-        token, slot = (indices == expert).nonzero(as_tuple=True)
-        if token.numel() == 0:
-            continue
-        h = x[token] @ first
-        if gated:
-            g, u = h.chunk(2, dim=-1)
-            h = act(g) * u
-        else:
-            h = act(h)
-        out.index_add_(0, token, (h @ second) * weights[token, slot, None])
-    return out
-
-
-@routed_expert_list.register_fake
-def _(x, indices, weights, fc1, fc2, activation, gated):
-    return torch.empty_like(x)
 
 
 def _ints(*values: int, shape: tuple[int, ...] | None = None):

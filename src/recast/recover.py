@@ -19,7 +19,6 @@ import json
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import peft
@@ -27,15 +26,17 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object
+from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..atomic import write_errors
-from ..distributed import distributed_state, share_errors, weights_digest
-from ..errors import RecastError
-from ..routers.train import TrainSettings, train_routers, trainable_parameters
-from .calibrate import padded_batches
-from .moe import MoEFFN
+from .atomic import write_errors
+from .data import padded_batches
+from .distributed import distributed_state, share_errors, weights_digest
+from .errors import RecastError
+from .refactor.moe import moe_layers
+from .routers.train import RouterSpec, train_routers, trainable_parameters
+from .settings import Section
 
 
 class RecoverError(RecastError):
@@ -46,20 +47,30 @@ class ResumeError(RecoverError):
     """A recovery checkpoint cannot be resumed (missing, or from another recipe)."""
 
 
-@dataclass
-class RecoverSettings:
-    steps: int  # per round
-    rounds: int
-    lr: float
-    lr_decay: float
-    batch_size: int
-    temperature: float
-    kl_weight: float
-    hidden_weight: float
-    lora_rank: int
-    lora_alpha: float
-    router: TrainSettings
-    seed: int = 0
+class LoraSpec(Section):
+    """LoRA on the stacked expert tensors during expert rounds (merged back at the end)."""
+
+    rank: int = Field(0, ge=0)  # 0: train the experts' full weights
+    alpha: float = Field(16.0, gt=0)
+
+
+class DistillSpec(Section):
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)  # logit KL (LMs) or last-hidden MSE (encoders)
+    hidden_weight: float = Field(0.0, ge=0)  # per-layer hidden-state MSE
+
+
+class RecoverSpec(Section):
+    """Distillation from the dense teacher in alternating expert / router rounds."""
+
+    steps: int = Field(0, ge=0)  # per round; 0 skips recovery
+    rounds: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    batch_size: int = Field(8, gt=0)
+    load_balance: float = Field(0.01, ge=0)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
 
 
 def round_plan(rounds: int, router_trainable: bool) -> list[str]:
@@ -72,7 +83,7 @@ def round_plan(rounds: int, router_trainable: bool) -> list[str]:
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What an expert round trains: the expert banks, shared experts and their gates, biases."""
     params = []
-    for moe in (m for m in model.modules() if isinstance(m, MoEFFN)):
+    for moe in moe_layers(model):
         for name, p in moe.named_parameters():
             if not name.startswith("router."):
                 params.append(p)
@@ -91,7 +102,7 @@ def lora_targets(model: nn.Module) -> list[str]:
     )
 
 
-def distillation_loss(student_out, teacher_out, mask: Tensor, settings: RecoverSettings) -> Tensor:
+def distillation_loss(student_out, teacher_out, mask: Tensor, settings: DistillSpec) -> Tensor:
     """Logit KL at temperature T (x T^2) for LMs, last-hidden MSE for encoders, plus an
     optional per-layer hidden-state MSE; averaged over real tokens."""
     keep = mask.bool()
@@ -156,7 +167,7 @@ class Checkpoints:
         )
 
     def save(self, model: nn.Module, round_index: int) -> None:
-        from ..models.hf import untied_state
+        from .models.surgery import untied_state
 
         with write_errors(self.directory):  # e.g. a full disk: one line, not a traceback
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -190,10 +201,10 @@ def _batches(
     return list(padded_batches(mine, batch_size, pad_id))[:steps]
 
 
-def _with_lora(model: nn.Module, settings: RecoverSettings) -> nn.Module:
+def _with_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
     config = peft.LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
         target_modules=[],
         target_parameters=lora_targets(model),
     )
@@ -204,7 +215,7 @@ def expert_round(
     student: nn.Module,
     teacher: nn.Module,
     sequences,
-    settings: RecoverSettings,
+    settings: RecoverSpec,
     lr: float,
     seed: int,
     pad_id: int,
@@ -213,8 +224,8 @@ def expert_round(
 ) -> list[float]:
     for p in student.parameters():
         p.requires_grad_(False)
-    trained = _with_lora(student, settings) if settings.lora_rank else student
-    if not settings.lora_rank:
+    trained = _with_lora(student, settings.lora) if settings.lora.rank else student
+    if not settings.lora.rank:
         for p in expert_parameters(student):
             p.requires_grad_(True)
     params = [p for p in trained.parameters() if p.requires_grad]
@@ -240,16 +251,16 @@ def expert_round(
             with torch.no_grad():
                 teacher_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             student_out = wrapped(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            loss = distillation_loss(student_out, teacher_out, mask, settings)
+            loss = distillation_loss(student_out, teacher_out, mask, settings.distill)
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     unwrapped = accelerator.unwrap_model(wrapped)
-    if settings.lora_rank:
+    if settings.lora.rank:
         unwrapped.merge_and_unload()
-    for moe in (m for m in student.modules() if isinstance(m, MoEFFN)):
+    for moe in moe_layers(student):
         moe.bank.zero_padding()
         if moe.shared is not None:
             moe.shared.zero_padding()
@@ -262,7 +273,9 @@ def recover(
     student: nn.Module,
     teacher: nn.Module,
     sequences: list[list[int]],
-    settings: RecoverSettings,
+    settings: RecoverSpec,
+    router: RouterSpec,
+    seed: int,
     pad_id: int,
     checkpoints: Checkpoints,
     *,
@@ -271,6 +284,10 @@ def recover(
     on_round_end: Callable[[int], None] | None = None,
 ) -> dict:
     """Run the alternating rounds; returns each round's kind, learning rate and losses.
+
+    Router rounds train as `router` says, at the round's decayed learning rate, with the
+    balance loss `settings.load_balance`; each round's data order comes from `seed` and its
+    index.
 
     The student comes back on the CPU with every parameter frozen, as it went in.
     """
@@ -282,8 +299,8 @@ def recover(
     )
     student.to(accelerator.device)
     teacher.to(accelerator.device)
-    router_trainable = any(m.router.trainable for m in student.modules() if isinstance(m, MoEFFN))
-    plan = round_plan(settings.rounds, router_trainable and settings.router.steps > 0)
+    router_trainable = any(m.router.trainable for m in moe_layers(student))
+    plan = round_plan(settings.rounds, router_trainable and router.steps > 0)
     done = checkpoints.completed() if resume else 0
     if done:
         checkpoints.load(student, done)
@@ -292,19 +309,24 @@ def recover(
     # in calibration) ends every process here rather than leaving the others waiting in it.
     share_errors(None)
     for index in range(done, len(plan)):
-        seed = settings.seed * 1000 + index
+        round_seed = seed * 1000 + index
         if plan[index] == "experts":
             lr = settings.lr * settings.lr_decay**index
             losses = expert_round(
-                student, teacher, sequences, settings, lr, seed, pad_id, accelerator, progress
+                student, teacher, sequences, settings, lr, round_seed, pad_id, accelerator, progress
             )
         else:
-            lr = settings.router.lr * settings.lr_decay**index
-            router = replace(settings.router, lr=lr, seed=seed)
+            lr = router.lr * settings.lr_decay**index
             for p in student.parameters():
                 p.requires_grad_(False)
             losses = train_routers(
-                student, sequences, router, pad_id, progress and accelerator.is_main_process
+                student,
+                sequences,
+                router.model_copy(update={"lr": lr}),
+                pad_id,
+                progress and accelerator.is_main_process,
+                load_balance=settings.load_balance,
+                seed=round_seed,
             )
             # Each process fits the router alone, on all the text, and GPU kernels need not agree
             # to the bit (embedding gradients are summed in any order): all keep the main's fit.

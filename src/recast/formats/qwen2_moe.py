@@ -1,0 +1,51 @@
+"""`output.format: qwen2_moe`: Qwen2-MoE's layout, whose shared expert has a sigmoid gate."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+from ..refactor.info import MoEInfo
+from ..refactor.moe import MoEFFN, moe_layers
+from .base import register_format
+from .stock import StockFormat, expert_width
+
+
+@register_format
+class Qwen2MoE(StockFormat):
+    name = "qwen2_moe"
+    families = ("llama", "mistral", "qwen2")
+    config_class = transformers.Qwen2MoeConfig
+    architecture = "Qwen2MoeForCausalLM"
+
+    def shared_expert_refusal(self, shared: float) -> str | None:
+        if not shared:
+            return "output.format qwen2_moe always has a shared expert: set experts.shared above 0"
+        return None
+
+    def prepare(self, model: nn.Module) -> None:
+        for layer in moe_layers(model):
+            layer.add_shared_gate()
+        model.recast.shared_gate = True
+
+    def moe_config(self, model: nn.Module, info: MoEInfo) -> dict:
+        return {
+            "intermediate_size": model.config.intermediate_size,
+            "moe_intermediate_size": expert_width(info),
+            "shared_expert_intermediate_size": max(info.shared_widths),
+            "num_experts": info.num_experts,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "qkv_bias": model.config.model_type == "qwen2",
+        }
+
+    def layer_tensors(self, moe: MoEFFN, prefix: str) -> dict[str, torch.Tensor]:
+        shared, n = moe.shared, moe.shared.widths[0]
+        return {
+            f"{prefix}.shared_expert.gate_proj.weight": shared.gate[0, :n].detach().clone(),
+            f"{prefix}.shared_expert.up_proj.weight": shared.up[0, :n].detach().clone(),
+            f"{prefix}.shared_expert.down_proj.weight": shared.down[0, :, :n].detach().contiguous(),
+            f"{prefix}.shared_expert_gate.weight": moe.shared_gate.weight.detach().clone(),
+        }
