@@ -6,6 +6,8 @@ import json
 import textwrap
 
 import numpy as np
+import onnx
+import onnx.reference.op_run
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from recast.errors import BundleIntegrityError, ExportError, ParityError, Runtim
 from recast.export import lowerings
 from recast.export import onnx as onnx_export
 from recast.export.optimize import op_counts
-from tiny_models import VOCAB, convert_tiny, tiny_model, tiny_tokenizer, token_batch
+from tiny_models import VOCAB, convert_tiny, outputs, tiny_model, tiny_tokenizer, token_batch
 
 # (family, router) -> model; "dense" is the source model itself
 CASES = {
@@ -349,3 +351,154 @@ def test_cuda_fp16_bundle_passes_parity_and_runs_on_the_gpu(bundles):
     session = recast.runtime.load(bundle, device="cuda")
     assert session.providers[0] == "CUDAExecutionProvider"
     assert session.generate(token_batch(1, 4).numpy(), max_new_tokens=4).shape == (1, 8)
+
+
+# --- portable graphs: standard ONNX that onnx's own reference runtime runs ------------------
+
+
+def relative_error(got, ref) -> float:
+    """The parity gate's fp32 metric: max |got - ref| / max(1, max |ref|)."""
+    return float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+class GatherElements(onnx.reference.op_run.OpRun):
+    """GatherElements as the ONNX spec defines it. onnx 1.23's reference kernel gathers with
+    `np.choose`, which takes at most 64 arrays (numpy's argument limit), so it fails when the
+    gathered axis has 64 or more entries: BERT's `token_type_ids` buffer, one per position.
+    (onnx/onnx#8444 moves it to `np.take_along_axis`, as here.)"""
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=0):
+        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
+
+
+def reference_matches_onnxruntime(graph_path, onnxruntime_outputs, feeds, tolerance):
+    """Check `graph_path` with onnx's full checker and run it in onnx's reference evaluator:
+    every output within `tolerance` of onnxruntime's; returns the evaluator's outputs."""
+    from onnx.reference import ReferenceEvaluator
+
+    onnx.checker.check_model(str(graph_path), full_check=True)
+    evaluator = ReferenceEvaluator(str(graph_path), new_ops=[GatherElements])
+    values = evaluator.run(None, {name: feeds[name] for name in evaluator.input_names})
+    got = dict(zip(evaluator.output_names, values, strict=True))
+    assert set(got) == set(onnxruntime_outputs)
+    for name, value in got.items():
+        assert relative_error(value, onnxruntime_outputs[name]) <= tolerance, name
+    return got
+
+
+def backbone_feeds(session, ids, routed=None) -> dict:
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if session.kind == "decoder":
+        feeds["position_ids"] = np.arange(ids.shape[1])[None].repeat(ids.shape[0], 0)
+        feeds.update(session.empty_cache(ids.shape[0]))
+    if routed is not None:
+        feeds.update(routed)
+    return feeds
+
+
+@pytest.mark.parametrize("case", ["llama-dense", "llama-layer", "gpt2-layer", "bert-layer"])
+def test_bundle_graph_is_standard_onnx_the_reference_evaluator_runs(bundles, case):
+    """A dense and layer-routed MoE bundles (the gather lowering, with every expert chosen by
+    some token): onnx's checker passes and its reference evaluator gives onnxruntime's and
+    torch's outputs to the parity tolerance."""
+    from recast.refactor.moe import moe_layers
+
+    model, bundle = bundles(case)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["model"]["requires"] == "onnx"
+    session = recast.runtime.load(bundle, device="cpu")
+    ids = token_batch(2, 16, seed=5)
+    chosen = []  # per MoE layer: the experts the torch model's gate chose
+    hooks = [
+        layer.router.register_forward_hook(
+            lambda _, args, routing: chosen.append(set(routing.indices.flatten().tolist()))
+        )
+        for layer in moe_layers(model)
+    ]
+    try:
+        torch_out = outputs(model, ids).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(chosen) == (0 if case.endswith("dense") else 2)  # a call per MoE layer
+    assert all(experts == set(range(manifest["routing"]["experts"])) for experts in chosen)
+    feeds = backbone_feeds(session, ids.numpy())
+    tolerance = manifest["parity"]["tolerance"]
+    got = reference_matches_onnxruntime(bundle / "model.onnx", session.run(feeds), feeds, tolerance)
+    name = "logits" if session.kind == "decoder" else "last_hidden_state"
+    assert relative_error(got[name], torch_out) <= tolerance
+
+
+def test_pregate_bundle_router_and_backbone_run_in_the_reference_evaluator(bundles):
+    """Both graphs of a pre-gating bundle are standard ONNX; the backbone is given a routing
+    that sends tokens to every expert."""
+    _, bundle = bundles("llama-pregate")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {g["requires"] for g in manifest["graphs"].values()} == {"onnx"}
+    session = recast.runtime.load(bundle, device="cpu")
+    tolerance = manifest["parity"]["tolerance"]
+    ids = token_batch(2, 9, seed=6).numpy()
+    cache = manifest["model"]["router_cache"]
+    empty = np.zeros((2, cache["heads"], 0, cache["head_dim"]), np.float32)
+    router_feeds = {"input_ids": ids}
+    router_feeds.update(
+        {f"past.{i}.{kv}": empty for i in range(cache["layers"]) for kv in ("key", "value")}
+    )
+    routed = reference_matches_onnxruntime(
+        bundle / "router.onnx", session.run(router_feeds, graph="router"), router_feeds, tolerance
+    )
+    experts, top_k = manifest["routing"]["experts"], manifest["routing"]["top_k"]
+    slots = np.arange(2 * 9 * top_k).reshape(2, 9, top_k)
+    given = {
+        "expert_indices": slots % experts,
+        "expert_weights": routed["expert_weights"],
+    }
+    assert len(np.unique(given["expert_indices"])) == experts
+    feeds = backbone_feeds(session, ids, given)
+    reference_matches_onnxruntime(bundle / "model.onnx", session.run(feeds), feeds, tolerance)
+
+
+def test_fused_bundle_graph_runs_in_the_reference_evaluator(bundles, tmp_path):
+    from recast.runtime.backends import OnnxGraph
+    from recast.runtime.fused import example_feeds
+
+    _, dense = bundles("bert-dense")
+    _, moe = bundles("bert-layer")
+    fused = recast.fuse({"dense": dense, "moe": moe}, tmp_path / "fused")
+    manifest = json.loads((fused / "manifest.json").read_text())
+    assert manifest["graphs"]["model"]["requires"] == "onnx"
+    fusion = manifest["fusion"]
+    feeds = example_feeds(fusion["inputs"], fusion["dims"])
+    onnxruntime_outputs = OnnxGraph(fused / "model.onnx", "cpu").run(feeds)
+    reference_matches_onnxruntime(
+        fused / "model.onnx", onnxruntime_outputs, feeds, manifest["parity"]["tolerance"]
+    )
+
+
+def test_requires_names_onnxruntime_for_graphs_with_its_kernels(bundles):
+    """Read from the graphs' operators: int8 (onnxruntime's quantized kernels) and the
+    contrib MoE lowering need onnxruntime."""
+    from recast.export.portable import node_domains
+
+    for bundle, op in [
+        (bundles("gpt2-layer", quantize="int8")[1], "DynamicQuantizeMatMul"),
+        (bundles("llama-layer", moe_op="contrib")[1], "MoE"),
+    ]:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["graphs"]["model"]["requires"] == "onnxruntime"
+        graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+        assert "com.microsoft" in node_domains(graph)
+        assert op in {n.op_type for n in graph.graph.node if n.domain == "com.microsoft"}
+
+
+def test_bundle_without_requires_still_loads(bundles, tmp_path):
+    """Bundles written before `requires` existed load as they did."""
+    _, bundle = bundles("llama-dense")
+    copy = copy_bundle(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        del graph["requires"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert recast.runtime.load(copy, device="cpu").forward(np.array([[3, 4, 5]]))["logits"].size

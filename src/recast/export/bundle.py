@@ -12,6 +12,9 @@
 
 Everything is written to a staging directory; the parity gate runs the staged bundle with the
 runtime against the torch model, and only a bundle that passes is renamed into place.
+
+Graphs are standard ONNX unless quantized or lowered to onnxruntime's MoE kernel
+(`recast.export.portable`); the manifest's `requires` says which runtime each one needs.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..version import __version__
 from .graphs import cache_shape, is_decoder, pregate_network, traceables
 from .lowerings import contrib_supports
 from .parity import check_parity
+from .portable import required_runtime, save_graph
 from .settings import ExportSpec, QuantizeSpec
 
 log = logging.getLogger("recast")
@@ -159,11 +163,11 @@ def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec,
                 # per-expert quantization reads the expert weights out of the unfolded graph
                 fold=not isinstance(spec.quantize, QuantizeSpec),
             )
-            quantization = _optimize_and_quantize(
-                raw, staging / file, work, spec, name, model, tokenizer
-            )
+            quantization = _final_graph(raw, staging / file, work, spec, name, model, tokenizer)
             inputs, outputs = onnx_io(staging / file)
         graphs[name] = {"file": file, "inputs": inputs, "outputs": outputs}
+        if spec.format == "onnx":
+            graphs[name]["requires"] = required_runtime(staging / file)
         if spec.format == "pt2" and compiled is not None:
             graphs[name]["compiled"] = compiled.name  # what the runtime runs
         if quantization is not None:
@@ -171,20 +175,19 @@ def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec,
     return graphs
 
 
-def _optimize_and_quantize(
+def _final_graph(
     raw: Path, final: Path, work: Path, spec: ExportSpec, name: str, model, tokenizer
 ) -> dict | None:
-    """The raw graph, optimized (and quantized) for the target, at `final`; returns the
-    quantization report, if any."""
-    from .optimize import optimize
-
+    """The raw graph at `final`, in the target's precision (and quantized, if asked); returns
+    the quantization report, if any."""
     if spec.target == "cuda":
         from .optimize import to_fp16
 
         raw = to_fp16(raw, work / f"{name}.fp16.onnx")
     if spec.quantize is None or name == "router":  # the router is tiny and decides routing
-        optimize(raw, final, spec.target)
+        save_graph(raw, final)  # standard ONNX: onnxruntime fuses it when a session opens
         return None
+    from .optimize import optimize
     from .quantize import quantize_int8, router_nodes
 
     quantized = work / f"{name}.quantized.onnx"

@@ -1,8 +1,10 @@
-"""onnxruntime's offline graph optimization, saved into the bundle for its target.
+"""onnxruntime's offline graph optimization, for the graphs that are onnxruntime's anyway.
 
-The extended level (constant folding, Gelu/LayerNorm/attention-pattern fusions) is what gets
-saved: the `all` level adds layout transforms tied to the exporting machine's CPU, which
-onnxruntime applies anyway when a session opens the graph.
+Quantized graphs (onnxruntime's kernels) are saved optimized at the extended level (constant
+folding, Gelu/LayerNorm/attention-pattern fusions); the `all` level adds layout transforms
+tied to the exporting machine's CPU, which onnxruntime applies when a session opens the graph.
+Standard graphs are saved as exported (`recast.export.portable`): onnxruntime optimizes them
+when a session opens, and fusion counts their ops after optimizing a copy.
 """
 
 from __future__ import annotations

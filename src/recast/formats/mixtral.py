@@ -16,6 +16,8 @@ class Mixtral(StockFormat):
     families = ("llama", "mistral")
     config_class = transformers.MixtralConfig
     architecture = "MixtralForCausalLM"
+    moe_block = "block_sparse_moe"
+    expert_names = ("w1", "w3", "w2")
 
     def shared_expert_refusal(self, shared: float) -> str | None:
         if shared:

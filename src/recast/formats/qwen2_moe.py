@@ -6,6 +6,7 @@ import torch
 import transformers
 from torch import nn
 
+from ..models.families import Family
 from ..refactor.info import MoEInfo
 from ..refactor.moe import MoEFFN, moe_layers
 from .base import register_format
@@ -18,6 +19,8 @@ class Qwen2MoE(StockFormat):
     families = ("llama", "mistral", "qwen2")
     config_class = transformers.Qwen2MoeConfig
     architecture = "Qwen2MoeForCausalLM"
+    moe_block = "mlp"
+    expert_names = ("gate_proj", "up_proj", "down_proj")
 
     def shared_expert_refusal(self, shared: float) -> str | None:
         if not shared:
@@ -38,8 +41,14 @@ class Qwen2MoE(StockFormat):
             "norm_topk_prob": True,
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
-            "qkv_bias": model.config.model_type == "qwen2",
+            # vLLM and llama.cpp build Qwen2-MoE attention with q/k/v biases whatever the
+            # config says: a source without them gets zero biases (see `state`).
+            "qkv_bias": True,
         }
+
+    def state(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
+        state = super().state(model, family)
+        return {**_zero_qkv_biases(state), **state}
 
     def layer_tensors(self, moe: MoEFFN, prefix: str) -> dict[str, torch.Tensor]:
         shared, n = moe.shared, moe.shared.widths[0]
@@ -49,3 +58,17 @@ class Qwen2MoE(StockFormat):
             f"{prefix}.shared_expert.down_proj.weight": shared.down[0, :, :n].detach().contiguous(),
             f"{prefix}.shared_expert_gate.weight": moe.shared_gate.weight.detach().clone(),
         }
+
+
+def _zero_qkv_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A zero bias for every q/k/v projection in `state` that has none (an exact no-op)."""
+    projections = (
+        ".self_attn.q_proj.weight",
+        ".self_attn.k_proj.weight",
+        ".self_attn.v_proj.weight",
+    )
+    return {
+        f"{name.removesuffix('.weight')}.bias": weight.new_zeros(weight.shape[0])
+        for name, weight in state.items()
+        if name.endswith(projections) and f"{name.removesuffix('.weight')}.bias" not in state
+    }

@@ -3,8 +3,11 @@
 The recast model is trained under the target's semantics before it is written (linear gates,
 softmax weights, Qwen2-MoE's sigmoid shared-expert gate), so the written model is the trained
 one; what differs is bookkeeping: stock routers renormalise the top-k weights to sum to 1, so
-recast's factor k (see `combine_weights`) is folded into `down_proj`, and experts are stored
-fused as transformers 5 does (`gate_up_proj [E, 2W, H]`, `down_proj [E, H, W]`).
+recast's factor k (see `combine_weights`) is folded into the down projections. The files are
+the layout of the Mixtral and Qwen2-MoE checkpoints on the Hub, which every runtime reads
+(transformers 4 and 5, vLLM, SGLang, llama.cpp's converter): one tensor per expert
+projection, a top-level `rope_theta` beside transformers 5's `rope_parameters`, an explicit
+`lm_head.weight` and a tokenizer class that transformers 4 knows (see docs/formats.md).
 Every write is checked: the stock model is loaded back and its log-probabilities compared
 with recast's.
 """
@@ -51,12 +54,15 @@ DENSE_ONLY_KEYS = (
 
 
 class StockFormat(OutputFormat):
-    """A transformers MoE architecture: one linear gate per layer, softmax weights, fused
-    experts, no FFN biases; written from the dense `families` only."""
+    """A transformers MoE architecture: one linear gate per layer, softmax weights, no FFN
+    biases; written from the dense `families` only."""
 
     families: ClassVar[tuple[str, ...]]
     config_class: ClassVar[type[transformers.PretrainedConfig]]
     architecture: ClassVar[str]  # the config's `architectures` entry
+    moe_block: ClassVar[str]  # the FFN's module name in the checkpoint's tensor names
+    # The checkpoint names of each expert's gate, up and down projections.
+    expert_names: ClassVar[tuple[str, str, str]]
 
     def cannot_express(
         self, *, router: str, router_options: dict, combine: str, shared: float
@@ -115,22 +121,31 @@ class StockFormat(OutputFormat):
         )
 
     def state(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
-        """Rename and reshape recast's tensors into the stock layout."""
+        """Rename and split recast's tensors into the per-expert Hub layout."""
         state = untied_state(model)
         out = {
             k: v
             for k, v in state.items()
             if f".{family.ffn}." not in k and not k.startswith("recast_router.")
         }
+        if "lm_head.weight" not in out:
+            # llama.cpp needs the head as a tensor of its own even where the embedding is tied.
+            out["lm_head.weight"] = model.get_output_embeddings().weight.detach().clone()
         width = expert_width(info_of(model))
+        gate_name, up_name, down_name = self.expert_names
         for i, layer in enumerate(layer_modules(model, family)):
             moe = layer.get_submodule(family.ffn)
-            p = f"model.{family.layers}.{i}.{family.ffn}"
+            p = f"model.{family.layers}.{i}.{self.moe_block}"
             bank = moe.bank
-            gate, up = (_pad_width(t, 1, width) for t in (bank.gate, bank.up))
+            projections = {
+                gate_name: _pad_width(bank.gate, 1, width),
+                up_name: _pad_width(bank.up, 1, width),
+                down_name: _pad_width(bank.down * moe.router.top_k, 2, width),
+            }
             out[f"{p}.gate.weight"] = moe.router.net.weight.detach().clone()
-            out[f"{p}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
-            out[f"{p}.experts.down_proj"] = _pad_width(bank.down * moe.router.top_k, 2, width)
+            for name, stacked in projections.items():
+                for e, weight in enumerate(stacked):
+                    out[f"{p}.experts.{e}.{name}.weight"] = weight.clone()
             out.update(self.layer_tensors(moe, p))
         return out
 
@@ -138,6 +153,7 @@ class StockFormat(OutputFormat):
         for moe in moe_layers(model):
             moe.bank.zero_padding()
         self.config(model).save_pretrained(directory)
+        add_legacy_config_keys(directory / "config.json")
         safetensors.torch.save_file(
             self.state(model, family_for(model.config.model_type)),
             str(directory / "model.safetensors"),
@@ -145,6 +161,7 @@ class StockFormat(OutputFormat):
         )
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+            _name_tokenizer_class_for_every_reader(directory / "tokenizer_config.json")
         info = info_of(model)
         if info.partition is not None:
             info.partition.save(directory / "partition.json")
@@ -154,9 +171,16 @@ class StockFormat(OutputFormat):
     ) -> dict:
         """Load the written model with plain transformers and compare it with `model`: a
         stock file that computes something else must not be shipped."""
-        stock = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32
-        ).eval()
+        stock, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, output_loading_info=True
+        )
+        stock.eval()
+        unread = {k: v for k, v in loading.items() if k != "error_msgs" and v}
+        if unread:
+            raise ParityError(
+                f"transformers does not read the written files as they are meant: {unread}; "
+                f"nothing was written"
+            )
         with torch.no_grad():
             ours = lm_outputs(model.eval(), sequences, 4, pad_id)
             theirs = lm_outputs(stock, sequences, 4, pad_id)
@@ -189,3 +213,32 @@ def _pad_width(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim).detach().contiguous()
+
+
+def add_legacy_config_keys(path: Path) -> None:
+    """Beside what transformers 5 writes, the keys that older readers (transformers 4, vLLM,
+    llama.cpp's converter) look for at the top level and would otherwise default."""
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config["rope_scaling"] = None if scaling.get("rope_type") == "default" else scaling
+    if "dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# transformers 5 names every fast tokenizer's class so; transformers 4 (and llama.cpp's
+# converter, which loads the tokenizer through it) cannot resolve the name.
+TRANSFORMERS5_ONLY_TOKENIZER = "TokenizersBackend"
+
+
+def _name_tokenizer_class_for_every_reader(path: Path) -> None:
+    """Name the tokenizer.json-backed class both transformers 4 and 5 have."""
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == TRANSFORMERS5_ONLY_TOKENIZER:
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -67,6 +67,9 @@ class OnnxGraph:
         # Without the arena, memory goes back after each run instead of staying at its peak:
         # what an offload session needs for its memory bound to hold.
         options.enable_cpu_mem_arena = arena
+        # Bundles hold standard ONNX as exported: onnxruntime's fusions (and its layout
+        # transforms for this machine) are applied here, when the session opens.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # provider fallbacks are reported by `providers`
         if threads:
             options.intra_op_num_threads = threads

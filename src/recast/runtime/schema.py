@@ -60,6 +60,8 @@ class Graph(TypedDict):
     outputs: list[Tensor]
     compiled: NotRequired[Name | None]  # pt2 --compile: the AOTInductor package that runs instead
     quantization: NotRequired[dict | None]
+    # ONNX graphs: "onnx" (standard operators only) or "onnxruntime" (com.microsoft kernels)
+    requires: NotRequired[Literal["onnx", "onnxruntime"]]
 
 
 class Cache(TypedDict):
