@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
 
-.PHONY: setup lock test-latest demo test test-all bench lint clean
+.PHONY: setup lock test-latest demo test test-all llama-cpp bench lint clean
 
 setup: $(STAMP)
 
@@ -45,8 +45,24 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+test-all: setup llama-cpp
+	RECAST_LLAMA_CPP=$(LLAMA_CPP) $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# llama.cpp, for the tests and benchmarks that run recast's outputs in it: llama-cpp-python
+# built from its PyPI sdist into the venv (about 10 minutes of compiling on 2 cores, so not
+# part of `make setup`), and the llama.cpp tree vendored in that sdist, whose
+# convert_hf_to_gguf.py is llama.cpp's own converter.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP := .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+llama-cpp: $(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON)
+$(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON): $(STAMP)
+	mkdir -p .cache
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d .cache \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C .cache
+	$(BIN)/python -m pip install -q -c $(LOCK) sentencepiece==0.2.3 \
+		.cache/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	touch $@
 
 # The trained tiny Llama LM that decoder recipes and the quality benchmark use.
 exported/tiny-lm: | setup

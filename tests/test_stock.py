@@ -446,3 +446,74 @@ def test_legacy_rope_keys_describe_the_same_rope_to_transformers_5(tmp_path):
     assert saved["rope_theta"] == 500000.0
     assert saved["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
     assert transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters == rope
+
+
+# --- llama.cpp, the runtime itself --------------------------------------------------------------
+
+# llama.cpp's source tree (its convert_hf_to_gguf.py); `make test-all` sets it and builds
+# llama-cpp-python (see the Makefile's llama-cpp target).
+LLAMA_CPP_TREE = os.environ.get("RECAST_LLAMA_CPP")
+# llama.cpp's fp32 CPU kernels (fp32 KV cache) against torch's, on logits: 2.4e-6 (mixtral) and
+# 4.1e-6 (qwen2_moe) measured on 2026-12-02.
+LLAMA_CPP_ATOL = 1e-4
+
+# llama.cpp's converter, run as it is, except for the name of the pre-tokenizer: the fixture
+# tokenizer is trained in-process, so the hash the converter identifies pre-tokenizers by is in
+# none of its tables; it is GPT-2's byte-level BPE pre-tokenizer, which llama.cpp calls gpt-2.
+CONVERT = """
+import runpy, sys
+from pathlib import Path
+converter = Path(sys.argv[1])
+sys.path[:0] = [str(converter.parent), str(converter.parent / "gguf-py")]
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [str(converter), *sys.argv[2:]]
+runpy.run_path(str(converter), run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_llama_cpp_converts_and_runs_the_stock_output(written, tmp_path):
+    """llama.cpp's own converter reads the files unmodified and llama.cpp computes what
+    transformers computes from them. For qwen2moe that is transformers with
+    `norm_topk_prob: false`: llama.cpp's qwen2moe graph never renormalises the top-k weights
+    (docs/formats.md), so the comparison says exactly how far apart the two runtimes are."""
+    import numpy as np
+    import torch
+    import transformers
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="`make test-all` builds llama-cpp-python")
+    if not LLAMA_CPP_TREE:
+        pytest.skip("RECAST_LLAMA_CPP names llama.cpp's source tree (`make test-all` sets it)")
+    fmt, directory, _ = written
+    gguf_file = tmp_path / f"{fmt}.gguf"
+    converter = os.path.join(LLAMA_CPP_TREE, "convert_hf_to_gguf.py")
+    done = subprocess.run(
+        [sys.executable, "-c", CONVERT, converter, str(directory), "--outfile", str(gguf_file)]
+        + ["--outtype", "f32"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = [1, 5, 9, 17, 33, 64, 100, 7, 12, 40, 3, 77]
+    f32 = llama_cpp.GGML_TYPE_F32  # the KV cache too (llama.cpp keeps it in f16 by default)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_file),
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=f32,
+        type_v=f32,
+    )
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    same_function = {"norm_topk_prob": False} if fmt == "qwen2_moe" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, **same_function
+    ).eval()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.isfinite(theirs).all()
+    assert float(np.abs(theirs - ours).max()) < LLAMA_CPP_ATOL

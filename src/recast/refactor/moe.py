@@ -20,6 +20,8 @@ from transformers.activations import ACT2FN
 from ..errors import RoutingError
 from ..ops import routed_expert_list, routed_experts, slice_activations
 
+SHARED_GATE_START = 2.0**-12  # see MoEFFN.add_shared_gate
+
 
 @dataclass
 class Routing:
@@ -173,12 +175,16 @@ class MoEFFN(nn.Module):
 
     @torch.no_grad()
     def add_shared_gate(self) -> None:
-        """Give the shared expert Qwen2-MoE's learned sigmoid gate, starting at exactly 1:
-        the gate is zero (sigmoid 0.5) and the shared down projection doubles to match."""
+        """Give the shared expert Qwen2-MoE's learned sigmoid gate, starting near 1: the gate's
+        logits start near 0 (sigmoid 0.5) and the shared down projection doubles to match.
+
+        Not exactly 0: llama.cpp computes this sigmoid as silu(x) / x, which is NaN at 0, so
+        the weights start at SHARED_GATE_START (exact in fp16 and bf16), which moves the
+        gate by about SHARED_GATE_START * sum(x) / 2 (1e-3 for unit-scale hidden states)."""
         if self.shared is None or self.shared_gate is not None:
             return
         self.shared_gate = nn.Linear(self.shared.hidden, 1, bias=False).to(self.shared.down)
-        self.shared_gate.weight.zero_()
+        self.shared_gate.weight.fill_(SHARED_GATE_START)
         self.shared.down.mul_(2.0)
 
     def routed(self, x: Tensor, routing: Routing) -> Tensor:
