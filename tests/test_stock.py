@@ -517,3 +517,13 @@ def test_llama_cpp_converts_and_runs_the_stock_output(written, tmp_path):
         ours = model(torch.tensor([ids])).logits[0].numpy()
     assert np.isfinite(theirs).all()
     assert float(np.abs(theirs - ours).max()) < LLAMA_CPP_ATOL
+
+
+def test_qwen2_moe_output_warns_that_llama_cpp_computes_another_function(written, tmp_path, caplog):
+    from recast.formats import FORMATS
+
+    fmt, _, result = written
+    with caplog.at_level("WARNING", logger="recast"):
+        FORMATS.get(fmt).write(result.model, tmp_path, tokenizer=None)
+    warned = [r.getMessage() for r in caplog.records if "llama.cpp" in r.getMessage()]
+    assert len(warned) == (1 if fmt == "qwen2_moe" else 0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 import transformers
 from torch import nn
@@ -11,6 +14,8 @@ from ..refactor.info import MoEInfo
 from ..refactor.moe import MoEFFN, moe_layers
 from .base import register_format
 from .stock import StockFormat, expert_width
+
+log = logging.getLogger("recast")
 
 
 @register_format
@@ -31,6 +36,14 @@ class Qwen2MoE(StockFormat):
         for layer in moe_layers(model):
             layer.add_shared_gate()
         model.recast.shared_gate = True
+
+    def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
+        super().write(model, directory, tokenizer)
+        log.warning(
+            "output.format qwen2_moe: llama.cpp's qwen2moe never renormalises the top-k weights, "
+            "so it computes another function from these files than transformers, vLLM and "
+            "SGLang do (docs/formats.md, 'Known difference')"
+        )
 
     def moe_config(self, model: nn.Module, info: MoEInfo) -> dict:
         return {
