@@ -68,12 +68,13 @@ $(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON): $(STAMP)
 exported/tiny-lm: | setup
 	$(BIN)/python scripts/train_tiny_lm.py --out $@
 
-bench: setup exported/tiny-lm
+bench: setup exported/tiny-lm llama-cpp
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_quality.py
 	$(BIN)/python scripts/bench_export.py
 	$(BIN)/python scripts/bench_serving.py
 	$(BIN)/python scripts/bench_fusion.py
+	$(BIN)/python scripts/bench_downstream.py --quant f16
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -457,19 +458,8 @@ LLAMA_CPP_TREE = os.environ.get("RECAST_LLAMA_CPP")
 # 4.1e-6 (qwen2_moe) measured on 2026-12-02.
 LLAMA_CPP_ATOL = 1e-4
 
-# llama.cpp's converter, run as it is, except for the name of the pre-tokenizer: the fixture
-# tokenizer is trained in-process, so the hash the converter identifies pre-tokenizers by is in
-# none of its tables; it is GPT-2's byte-level BPE pre-tokenizer, which llama.cpp calls gpt-2.
-CONVERT = """
-import runpy, sys
-from pathlib import Path
-converter = Path(sys.argv[1])
-sys.path[:0] = [str(converter.parent), str(converter.parent / "gguf-py")]
-from conversion import base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-sys.argv = [str(converter), *sys.argv[2:]]
-runpy.run_path(str(converter), run_name="__main__")
-"""
+# llama.cpp's converter, run as it is but for the name of the fixture tokenizer's pre-tokenizer.
+CONVERT = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_convert.py"
 
 
 @pytest.mark.slow
@@ -489,7 +479,7 @@ def test_llama_cpp_converts_and_runs_the_stock_output(written, tmp_path):
     gguf_file = tmp_path / f"{fmt}.gguf"
     converter = os.path.join(LLAMA_CPP_TREE, "convert_hf_to_gguf.py")
     done = subprocess.run(
-        [sys.executable, "-c", CONVERT, converter, str(directory), "--outfile", str(gguf_file)]
+        [sys.executable, str(CONVERT), converter, str(directory), "--outfile", str(gguf_file)]
         + ["--outtype", "f32"],
         capture_output=True,
         text=True,
