@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeat", type=int, default=3, help="runs per model; the median counts")
     parser.add_argument("--json", default=str(ROOT / "bench_downstream.json"))
     args = parser.parse_args()
     if not (LLAMA_CPP / "convert_hf_to_gguf.py").exists():
@@ -170,7 +172,10 @@ def main() -> None:
                 "decode": args.decode,
                 "threads": args.threads,
             }
-            results[f"{name} {quant}"] = _bench.run_snippet(MEASURE, params)
+            runs = [_bench.run_snippet(MEASURE, params) for _ in range(args.repeat)]
+            results[f"{name} {quant}"] = {
+                key: statistics.median(run[key] for run in runs) for key in runs[0]
+            }
         base = results[f"dense {quant}"]
         for name, experts in MODELS.items():
             r = results[f"{name} {quant}"]
