@@ -54,16 +54,19 @@ test-all: setup llama-cpp
 # convert_hf_to_gguf.py is llama.cpp's own converter.
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP := .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
-# Not -march=native: that enables AMX on CPUs that report it, which VMs may not allow (SIGILL).
-# AVX-512 suits the machines recast is measured on; drop it for CPUs without.
-LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# The x86 features of the CPU it is built on, not -march=native: that also enables AMX on CPUs
+# that report it, which VMs may not allow (SIGILL). AVX-512 only where all its parts are there.
+CPU_FLAGS := $(shell grep -m1 -o -w 'avx2\|fma\|f16c\|avx512f\|avx512bw\|avx512vl' /proc/cpuinfo 2>/dev/null | sort -u)
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF $(if $(filter avx2,$(CPU_FLAGS)),-DGGML_AVX2=ON) \
+	$(if $(filter fma,$(CPU_FLAGS)),-DGGML_FMA=ON) $(if $(filter f16c,$(CPU_FLAGS)),-DGGML_F16C=ON) \
+	$(if $(filter-out $(CPU_FLAGS),avx512f avx512bw avx512vl),,-DGGML_AVX512=ON)
 llama-cpp: $(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON)
 $(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON): $(STAMP)
 	mkdir -p .cache
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d .cache \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar -xzf .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C .cache
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install -q -c $(LOCK) \
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) \
 		sentencepiece==0.2.3 .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	touch $@
 

@@ -178,6 +178,15 @@ def test_existing_bundle_needs_overwrite(bundles, tmp_path):
     assert (out / "keep").read_text() == "x"
 
 
+def test_softmax_all_exports_with_gather_and_refuses_the_renormalising_kernel(tmp_path):
+    torch.manual_seed(0)
+    _, moe, _ = convert_tiny("llama", "uniform", "layer", combine="softmax_all")
+    with pytest.raises(ExportError, match="softmax_all does not; use moe_op: gather"):
+        recast.export(moe, tmp_path / "contrib", {"moe_op": "contrib"})
+    bundle = recast.export(moe, tmp_path / "gather")  # the parity gate holds it to torch
+    assert json.loads((bundle / "manifest.json").read_text())["parity"]["max_error"] < 1e-4
+
+
 def test_impossible_settings_are_refused_before_work(tmp_path):
     with pytest.raises(ExportError, match="CUDA"):
         recast.export(make_model("bert", "dense"), tmp_path / "b", {"target": "cuda"})

@@ -192,3 +192,22 @@ def test_trained_routers_survive_save_and_load(kind, tiny_moe, tmp_path):
     ids = token_batch(2, 6)
     # The router's attention may take another kernel path after loading: fp32 noise only.
     torch.testing.assert_close(outputs(loaded, ids), outputs(moe, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["softmax", "softmax_all"])
+def test_combine_weights_give_equal_scores_weight_one(combine):
+    from recast.routers.base import combine_weights
+
+    scores = torch.zeros(3, 8)
+    values = scores[:, :2]
+    assert torch.equal(combine_weights(values, combine, scores=scores), torch.ones(3, 2))
+
+
+def test_softmax_all_is_the_softmax_over_every_expert_times_their_count():
+    """Qwen2-MoE's norm_topk_prob false (what llama.cpp's qwen2moe computes), scaled by E."""
+    from recast.routers.base import combine_weights
+
+    scores = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    values, indices = scores.topk(2, dim=-1)
+    expected = torch.softmax(scores, dim=-1).gather(1, indices) * 8
+    torch.testing.assert_close(combine_weights(values, "softmax_all", scores=scores), expected)

@@ -94,6 +94,16 @@ def test_stock_output_loads_with_plain_transformers_and_matches(family, fmt, tmp
             "always has a shared expert",
         ),
         ("mixtral", {"experts": {"count": 4, "top_k": 2, "combine": "sum"}}, "combine: softmax"),
+        (
+            "mixtral",
+            {"experts": {"count": 4, "top_k": 2, "combine": "softmax_all"}},
+            "combine: softmax$",
+        ),
+        (
+            "qwen2_moe",
+            {"experts": {"count": 4, "top_k": 2, "shared": 0.25, "combine": "sum"}},
+            "combine: softmax or softmax_all",
+        ),
     ],
 )
 def test_what_a_format_cannot_express_is_refused(fmt, change, message):
@@ -127,18 +137,10 @@ def test_attention_bias_is_refused_before_any_work(tmp_path):
 def written(request, tmp_path_factory):
     """A stock output converted from a llama checkpoint whose head is tied to its embedding
     (the case where a head tensor has to be written explicitly)."""
-    import transformers
-
-    from tiny_models import tiny_model, tiny_tokenizer
+    from tiny_models import save_tied_llama
 
     fmt, root = request.param, tmp_path_factory.mktemp(request.param)
-    untied = tiny_model("llama")
-    untied.config.tie_word_embeddings = True
-    dense = transformers.AutoModelForCausalLM.from_config(untied.config)
-    dense.load_state_dict(untied.state_dict())
-    dense.tie_weights()
-    dense.save_pretrained(root / "dense")
-    tiny_tokenizer().save_pretrained(root / "dense")
+    save_tied_llama(root / "dense")
     result = recast.convert(stock_recipe(root / "dense", fmt), out=root / "out", progress=False)
     return fmt, root / "out", result
 

@@ -145,3 +145,15 @@ def save_checkpoint(family: str, directory, safe: bool = True):
     model.save_pretrained(directory, safe_serialization=safe)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_tied_llama(directory):
+    """A tiny Llama checkpoint (with tokenizer) whose head is tied to its embedding."""
+    untied = tiny_model("llama")
+    untied.config.tie_word_embeddings = True
+    dense = transformers.AutoModelForCausalLM.from_config(untied.config)
+    dense.load_state_dict(untied.state_dict())
+    dense.tie_weights()
+    dense.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

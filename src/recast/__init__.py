@@ -5,6 +5,7 @@
     moe = recast.refactor(model, calibration="builtin:pydoc", experts=8, top_k=2, shared=0.25)
     recast.save(moe, "out/"); recast.load("out/")
     recast.export(moe, "exported/moe-onnx")                # a bundle with a parity record
+    recast.export_gguf("exported/moe-mixtral", "moe.gguf")  # a GGUF file llama.cpp ran
     recast.runtime.load("exported/moe-onnx").generate("def f(")
     recast.fuse({"a": "a.onnx", "b": "exported/b-onnx"}, out="exported/ab")  # one DAG
 
@@ -31,6 +32,7 @@ PUBLIC = {
     "load_recipe": "recipe",
     "refactor": "api",
     "export": "export",
+    "export_gguf": "export.llama_cpp",
     "fuse": "fusion",
     "load": "formats.recast",
     "save": "formats.recast",

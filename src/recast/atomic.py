@@ -132,6 +132,22 @@ def atomic_file(path: Path, overwrite: bool = False, suffix: str = "") -> Iterat
         temp.unlink(missing_ok=True)
 
 
+@contextmanager
+def scratch_file(beside: Path, suffix: str) -> Iterator[Path]:
+    """Yield a temp path beside the output `beside` for an intermediate file; it is removed
+    at the end whatever happens (failed writes name `beside`)."""
+    beside = Path(beside)
+    with write_errors(beside):
+        handle, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
+        os.close(handle)
+    temp = Path(name)
+    try:
+        with write_errors(beside, temp):
+            yield temp
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def remove_stale_staging(parent: Path) -> None:
     """Remove the staging dirs that killed runs (SIGKILL, SIGTERM, power loss) left in
     `parent`: only a dir that still has the name its marker records, made by a process of this

@@ -126,6 +126,11 @@ def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
         if layers[0].bank.up_bias is not None:
             raise ExportError("offload supports FFNs without biases (Llama, Mistral, Qwen2)")
     if layers and spec.format == "onnx" and moe_op == "contrib":
+        if layers[0].combine == "softmax_all":
+            raise ExportError(
+                "onnxruntime's MoE kernel renormalises the selected experts' weights, which "
+                "experts.combine softmax_all does not; use moe_op: gather"
+            )
         bank = layers[0].bank
         if not contrib_supports(bank.activation, bank.gate is not None):
             raise ExportError(

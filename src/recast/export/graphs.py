@@ -43,7 +43,7 @@ class RouterGraph(nn.Module):
     def forward(self, input_ids: Tensor, past: list[tuple[Tensor, Tensor]]):
         logits, present = self.network.cached_forward(input_ids, past)
         values, indices = torch.topk(logits, self.network.top_k, dim=-1)
-        weights = combine_weights(values, self.network.combine)
+        weights = combine_weights(values, self.network.combine, scores=logits)
         return indices, torch.ones_like(values) if weights is None else weights, present
 
 

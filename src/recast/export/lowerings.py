@@ -13,8 +13,9 @@ and each ONNX target lowers it its own way (measured in docs/PERFORMANCE.md, "Mo
   the only one whose experts can be quantized one by one.
 - `contrib`: onnxruntime's `com.microsoft.MoE` kernel, fed the chosen experts as router
   logits (`log weight` at the chosen slots, -1e4 elsewhere) so its own top-k picks exactly
-  them; `normalize_routing_weights` then gives `weight / sum(weights)`, and the sum (`k` in
-  both of recast's combine modes) is folded into fc2. One kernel per layer: less per-node
+  them; `normalize_routing_weights` then gives `weight / sum(weights)`, and the sum (`k` for
+  `combine: sum` and `softmax`; `softmax_all` weights have no fixed sum and are refused) is
+  folded into fc2. One kernel per layer: less per-node
   overhead at batch 1, and on CUDA it avoids the host syncs that NonZero costs.
 
 In pt2 programs the ops stay as they are and run their eager implementations.

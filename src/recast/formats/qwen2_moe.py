@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 from ..models.families import Family
-from ..refactor.info import MoEInfo
+from ..refactor.info import MoEInfo, info_of
 from ..refactor.moe import MoEFFN, moe_layers
 from .base import register_format
 from .stock import StockFormat, expert_width
@@ -26,6 +26,7 @@ class Qwen2MoE(StockFormat):
     architecture = "Qwen2MoeForCausalLM"
     moe_block = "mlp"
     expert_names = ("gate_proj", "up_proj", "down_proj")
+    combines = ("softmax", "softmax_all")  # norm_topk_prob true / false
 
     def shared_expert_refusal(self, shared: float) -> str | None:
         if not shared:
@@ -39,11 +40,13 @@ class Qwen2MoE(StockFormat):
 
     def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
         super().write(model, directory, tokenizer)
-        log.warning(
-            "output.format qwen2_moe: llama.cpp's qwen2moe never renormalises the top-k weights, "
-            "so it computes another function from these files than transformers, vLLM and "
-            "SGLang do (docs/formats.md, 'Known difference')"
-        )
+        if info_of(model).combine == "softmax":
+            log.warning(
+                "output.format qwen2_moe with experts.combine softmax: llama.cpp's qwen2moe "
+                "never renormalises the top-k weights, so it computes another function from "
+                "these files than transformers, vLLM and SGLang do; convert with "
+                "experts.combine: softmax_all for a model llama.cpp runs too (docs/formats.md)"
+            )
 
     def moe_config(self, model: nn.Module, info: MoEInfo) -> dict:
         return {
@@ -51,7 +54,7 @@ class Qwen2MoE(StockFormat):
             "moe_intermediate_size": expert_width(info),
             "shared_expert_intermediate_size": max(info.shared_widths),
             "num_experts": info.num_experts,
-            "norm_topk_prob": True,
+            "norm_topk_prob": info.combine == "softmax",
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             # vLLM and llama.cpp build Qwen2-MoE attention with q/k/v biases whatever the

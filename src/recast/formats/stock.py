@@ -3,7 +3,8 @@
 The recast model is trained under the target's semantics before it is written (linear gates,
 softmax weights, Qwen2-MoE's sigmoid shared-expert gate), so the written model is the trained
 one; what differs is bookkeeping: stock routers renormalise the top-k weights to sum to 1, so
-recast's factor k (see `combine_weights`) is folded into the down projections. The files are
+recast's factor (k, or E for `combine: softmax_all`; see `combine_weights`) is folded into the
+down projections. The files are
 the layout of the Mixtral and Qwen2-MoE checkpoints on the Hub, which every runtime reads
 (transformers 4 and 5, vLLM, SGLang, llama.cpp's converter): one tensor per expert
 projection, a top-level `rope_theta` beside transformers 5's `rope_parameters`, an explicit
@@ -63,6 +64,8 @@ class StockFormat(OutputFormat):
     moe_block: ClassVar[str]  # the FFN's module name in the checkpoint's tensor names
     # The checkpoint names of each expert's gate, up and down projections.
     expert_names: ClassVar[tuple[str, str, str]]
+    # The `experts.combine` weightings the architecture computes (routers.combine_weights).
+    combines: ClassVar[tuple[str, ...]] = ("softmax",)
 
     def cannot_express(
         self, *, router: str, router_options: dict, combine: str, shared: float
@@ -74,10 +77,10 @@ class StockFormat(OutputFormat):
                 f"{' with an MLP gate' if router == 'layer' else ''}: use router.kind: "
                 f"layer (hidden: 0) or output.format: recast"
             )
-        if combine != "softmax":
+        if combine not in self.combines:
             return (
                 f"output.format {self.name} weights experts by softmax: "
-                f"set experts.combine: softmax"
+                f"set experts.combine: {' or '.join(self.combines)}"
             )
         return self.shared_expert_refusal(shared)
 
@@ -140,7 +143,7 @@ class StockFormat(OutputFormat):
             projections = {
                 gate_name: _pad_width(bank.gate, 1, width),
                 up_name: _pad_width(bank.up, 1, width),
-                down_name: _pad_width(bank.down * moe.router.top_k, 2, width),
+                down_name: _pad_width(bank.down * _weight_scale(moe), 2, width),
             }
             out[f"{p}.gate.weight"] = moe.router.net.weight.detach().clone()
             for name, stacked in projections.items():
@@ -206,6 +209,12 @@ def expert_width(info: MoEInfo) -> int:
     """The stored expert width: the widest expert, padded to WIDTH_MULTIPLE."""
     width = max(info.expert_widths)
     return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+def _weight_scale(moe: MoEFFN) -> int:
+    """The factor recast's weights carry over the stock softmax (see `combine_weights`): k for
+    `softmax`, E for `softmax_all`."""
+    return moe.num_experts if moe.combine == "softmax_all" else moe.router.top_k
 
 
 def _pad_width(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:

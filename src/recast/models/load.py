@@ -119,15 +119,38 @@ def load_dense(
     spec: str, *, trust_pickle: bool = False, dtype: torch.dtype = torch.float32
 ) -> DenseModel:
     """Load a dense checkpoint of a supported family, validated against its adapter."""
+    source, config = read_config(spec)
+    family = family_for(config.model_type)
+    model = load_pretrained(
+        spec, source, config, causal_lm=family.causal_lm, trust_pickle=trust_pickle, dtype=dtype
+    )
+    validate_layout(model, family)
+    return DenseModel(model, family, tokenizer_for(source), spec)
+
+
+def read_config(spec: str) -> tuple[str, transformers.PretrainedConfig]:
+    """(local directory or hub id, config) of a checkpoint."""
     source = resolve_source(spec)
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
+        return source, transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the config of {spec!r}: {_first_line(exc)}") from exc
-    family = family_for(config.model_type)
+
+
+def load_pretrained(
+    spec: str,
+    source: str,
+    config: transformers.PretrainedConfig,
+    *,
+    causal_lm: bool = True,
+    trust_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """The transformers model of `config` with every tensor read from the checkpoint: none
+    missing, unexpected, misshapen or non-finite; pickle files only with `trust_pickle`."""
     if Path(source).is_dir():
         check_weight_files(Path(source), trust_pickle)
-    auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
+    auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     # Mismatched shapes are reported, not raised, so that check_keys can name the tensor.
     strict = dict(dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)
     try:
@@ -136,7 +159,7 @@ def load_dense(
         # transformers.modeling_utils alone would make it log the tensor-parallel plan.)
         with quiet("transformers"):
             if state is not None:
-                model_cls = (MODEL_FOR_CAUSAL_LM_MAPPING if family.causal_lm else MODEL_MAPPING)[
+                model_cls = (MODEL_FOR_CAUSAL_LM_MAPPING if causal_lm else MODEL_MAPPING)[
                     type(config)
                 ]
                 model, info = model_cls.from_pretrained(
@@ -153,8 +176,7 @@ def load_dense(
         raise ModelLoadError(
             f"tensor {name} of {spec!r} holds NaN or inf; fix or re-export the checkpoint"
         )
-    validate_layout(model, family)
-    return DenseModel(model.eval(), family, tokenizer_for(source), spec)
+    return model.eval()
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor] | None:

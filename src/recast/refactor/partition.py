@@ -141,7 +141,9 @@ class ExpertsSpec(Section):
     top_k: int = Field(2, ge=1)
     shared: float = Field(0.0, ge=0.0, lt=1.0)
     strategy: str = "cluster"
-    combine: Literal["sum", "softmax"] = "sum"
+    # sum: selected experts count fully; softmax: Mixtral's weights (renormalised over the
+    # selected); softmax_all: Qwen2-MoE's norm_topk_prob false (see routers.combine_weights)
+    combine: Literal["sum", "softmax", "softmax_all"] = "sum"
     options: dict[str, Any] = Field(default_factory=dict)
     _strategy_options: StrategyOptions = PrivateAttr()
 

@@ -13,14 +13,19 @@ from ..refactor.moe import MoEFFN, Routing, moe_layers
 from ..registry import Registry
 
 
-def combine_weights(values: Tensor, combine: str) -> Tensor | None:
-    """Weights of the selected experts' scores `values[T, k]`: none for `sum`; for `softmax`,
-    the softmax over the selected scores times k, so equal scores give each expert weight 1
-    and the MoE starts from the sum of its selected experts (the exact refactor's semantics).
-    Stock formats renormalise to 1 instead; their writers fold the k into `down_proj`."""
-    if combine != "softmax":
-        return None
-    return torch.softmax(values, dim=-1) * values.shape[-1]
+def combine_weights(values: Tensor, combine: str, *, scores: Tensor) -> Tensor | None:
+    """Weights of the selected experts' scores `values[T, k]` (of all scores `scores[T, E]`):
+    none for `sum`; for `softmax`, the softmax over the selected scores times k; for
+    `softmax_all`, the softmax over all E scores at the selected ones, times E, not
+    renormalised over the selected (Qwen2-MoE's `norm_topk_prob: false`, the only weighting
+    llama.cpp's qwen2moe computes). Either way equal scores give each expert weight 1, so the
+    MoE starts from the sum of its selected experts (the exact refactor's semantics). Stock
+    formats weight by the softmax alone; their writers fold the k or E into `down_proj`."""
+    if combine == "softmax":
+        return torch.softmax(values, dim=-1) * values.shape[-1]
+    if combine == "softmax_all":
+        return torch.exp(values - torch.logsumexp(scores, dim=-1, keepdim=True)) * scores.shape[-1]
+    return None
 
 
 class RouterOptions(BaseModel):
@@ -71,7 +76,7 @@ class Router(nn.Module):
     def select(self, scores: Tensor) -> Routing:
         """Top-k of `scores[T, E]`, with weights according to `combine`."""
         values, indices = torch.topk(scores, self.top_k, dim=-1)
-        return Routing(indices, combine_weights(values, self.combine))
+        return Routing(indices, combine_weights(values, self.combine, scores=scores))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, combine={self.combine}"

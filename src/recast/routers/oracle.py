@@ -20,7 +20,8 @@ class AllRouter(Router):
     def forward(self, hidden: Tensor, moe) -> Routing:
         indices = torch.arange(self.num_experts, device=hidden.device)
         indices = indices.expand(hidden.shape[0], -1)
-        return Routing(indices, combine_weights(hidden.new_zeros(indices.shape), self.combine))
+        zeros = hidden.new_zeros(indices.shape)  # equal scores: every expert weighs 1
+        return Routing(indices, combine_weights(zeros, self.combine, scores=zeros))
 
 
 @ROUTERS.register("oracle")

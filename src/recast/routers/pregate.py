@@ -148,7 +148,7 @@ class PregateNetwork(nn.Module):
 
     def select(self, logits: Tensor) -> Routing:
         values, indices = torch.topk(logits, self.top_k, dim=-1)
-        return Routing(indices, combine_weights(values, self.combine))
+        return Routing(indices, combine_weights(values, self.combine, scores=logits))
 
     def plan_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the backbone: route every token once, before any layer runs.
