@@ -47,14 +47,12 @@ def check_gguf(model: nn.Module, tokenizer, path: Path, kind: str, seed: int = 0
     # Within the trained context: llama.cpp aborts the process past learned positions (GPT-2).
     context = getattr(config, "max_position_embeddings", None) or config.n_positions
     documents = " ".join(load_documents("builtin:pydoc")[:40])[: 16 * TEXT_TOKENS]
-    first = tokenizer.encode(documents, add_special_tokens=False)[: min(TEXT_TOKENS, context)]
-    text = tokenizer.decode(first)
-    text_ids = tokenizer.encode(text, add_special_tokens=False)[:context]
-    text = tokenizer.decode(text_ids)
+    text = tokenizer.decode(tokenizer.encode(documents, add_special_tokens=False)[:TEXT_TOKENS])
+    text_ids = tokenizer.encode(text, add_special_tokens=False)  # what llama.cpp must produce
     generator = torch.Generator().manual_seed(seed)
     length = min(RANDOM_TOKENS, context)
     random_ids = torch.randint(0, config.vocab_size, (length,), generator=generator).tolist()
-    sequences = {"text": text_ids, "random": random_ids}
+    sequences = {"text": text_ids[:context], "random": random_ids}
     runtime = LlamaCppModel(path, context=max(map(len, sequences.values())))
     try:
         theirs_ids = runtime.tokenize(text)
