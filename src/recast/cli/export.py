@@ -137,7 +137,7 @@ def _run_gguf(args) -> int:
         check = "not run in llama.cpp (--no-parity)"
     else:
         check = (
-            f"llama.cpp parity {record['metric']} {record[record['metric']]:.2e} "
+            f"llama.cpp parity {record['metric']} {record[record['metric']]:.4g} "
             f"(tolerance {record['tolerance']:g})"
         )
     print(f"{args.out}: GGUF {record['type']}, {size:.1f} MiB; {check}")

