@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top: a unit may import its own layer's units and the layers below it.
 LAYERS = [
     {"errors", "registry", "logs", "markers", "version"},
-    {"settings", "atomic"},
+    {"settings", "atomic", "shards"},
     {"ops"},
     {"runtime"},
     {"data"},
@@ -27,8 +27,11 @@ LAYERS = [
     {"recover"},
     {"formats"},
     {"export"},
+    {"stream"},
     {"recipe"},
     {"fusion"},
+    {"stages"},
+    {"streamed"},
     {"pipeline", "inspect"},
     {"api"},
     {"cli", "__main__", ""},  # "": the package itself (recast/__init__.py)

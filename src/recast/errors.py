@@ -94,3 +94,7 @@ class TrainingError(RecastError):
 class ReportedElsewhereError(RecastError):
     """Another process of a multi-process run failed, and the main process reports why; the CLI
     exits on it without printing the same line again."""
+
+
+class ResumeError(RecastError):
+    """A killed run cannot be resumed (nothing to resume, or from another recipe)."""

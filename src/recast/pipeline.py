@@ -8,11 +8,7 @@ write of the output directory (a failed run leaves nothing behind).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data
+from . import data, streamed
 from .atomic import atomic_directory, check_output
 from .distributed import distributed_state, errors_shared, share_errors
-from .errors import ModelLoadError, TrainingError
+from .errors import RecipeError, TrainingError
 from .evaluate import (
     Report,
     count_parameters,
@@ -35,7 +31,7 @@ from .evaluate import (
 )
 from .formats import FORMATS
 from .models.families import Family
-from .models.load import DenseModel, load_dense, non_finite
+from .models.load import DenseModel, load_dense, non_finite, resolve_source
 from .models.surgery import dense_ffn, layer_modules
 from .recipe import Recipe, load_recipe
 from .recover import Checkpoints, recover
@@ -43,9 +39,22 @@ from .refactor.build import activation_of, convert_layers
 from .refactor.calibrate import LayerStats, calibrate
 from .refactor.info import MoEInfo
 from .refactor.moe import moe_layers
-from .refactor.partition import LayerInput, ModelPartition, align_layers, partition_layer
+from .refactor.partition import ModelPartition, align_layers
 from .routers import attach_routers
 from .routers.train import oracle_routing, routing_quality, train_routers
+from .shards import shard_bytes
+from .stages import (
+    calibration_sequences,
+    needs_calibration,
+    pad_id,
+    partition_one,
+    partition_settings,
+    peak_rss_mb,
+    pooled,
+    recipe_fingerprint,
+    run_report,
+    sequences_for,
+)
 
 log = logging.getLogger("recast")
 
@@ -54,7 +63,7 @@ log = logging.getLogger("recast")
 class ConversionResult:
     """What `recast.convert` returns."""
 
-    model: nn.Module
+    model: nn.Module | None  # None after a streamed conversion: the model is in output_dir
     partition: ModelPartition
     report: Report
     recipe: Recipe
@@ -65,40 +74,6 @@ class ConversionResult:
     def __repr__(self) -> str:
         out = f", saved to {str(self.output_dir)!r}" if self.output_dir else ""
         return f"ConversionResult({self.recipe.name!r}, {self.partition!r}{out})"
-
-
-def sequences_for(dense: DenseModel, source: str, part: str, samples: int, seq_len: int, seed: int):
-    """Token id sequences from `source` (its calibration or held-out evaluation part)."""
-    if dense.tokenizer is None:
-        raise ModelLoadError(
-            f"{dense.source} has no tokenizer, which text calibration and evaluation need; "
-            f"save one next to the weights (or pass tokenizer= to recast.refactor)"
-        )
-    docs = data.split_documents(data.load_documents(source), part)
-    mode = "stream" if dense.family.causal_lm else "sentences"
-    return data.token_sequences(
-        dense.tokenizer, docs, samples=samples, seq_len=seq_len, mode=mode, seed=seed
-    )
-
-
-def calibration_sequences(dense: DenseModel, recipe: Recipe) -> dict[str, list[list[int]]]:
-    """Calibration token sequences per domain (one domain, `default`, unless domains are set)."""
-    cal = recipe.calibration
-    sources = cal.domains or {"default": cal.data}
-    return {
-        name: sequences_for(dense, source, "calibration", cal.samples, cal.seq_len, recipe.seed)
-        for name, source in sources.items()
-    }
-
-
-def pooled(sequences: dict[str, list[list[int]]]) -> list[list[int]]:
-    """Every domain's sequences in one list (what router training and recovery train on)."""
-    return [seq for domain in sequences.values() for seq in domain]
-
-
-def needs_calibration(recipe: Recipe) -> bool:
-    """Whether the partition, the router or recovery needs calibration text."""
-    return recipe.experts.needs_stats or recipe.router.trainable or recipe.recover.steps > 0
 
 
 def calibration_stats(
@@ -113,39 +88,21 @@ def calibration_stats(
         batch_size=recipe.calibration.batch_size,
         reservoir_size=recipe.calibration.reservoir if recipe.experts.needs_reservoir else 0,
         seed=recipe.seed,
-        pad_id=_pad_id(dense),
+        pad_id=pad_id(dense),
         progress=progress,
     )
-
-
-def _pad_id(dense: DenseModel) -> int:
-    tok = dense.tokenizer
-    pad = (
-        None
-        if tok is None
-        else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    )
-    return 0 if pad is None else pad
 
 
 def partition_model(
     model: nn.Module, family: Family, stats: list[LayerStats] | None, recipe: Recipe
 ) -> ModelPartition:
-    e = recipe.experts
-    layers = []
-    for i, layer in enumerate(layer_modules(model, family)):
-        ffn = dense_ffn(layer, family, i)
-        rows = ffn.up if ffn.gate is None else torch.cat([ffn.up, ffn.gate], dim=1)
-        layer_input = LayerInput(i, rows, None if stats is None else stats[i])
-        layers.append(
-            partition_layer(
-                e.strategy, layer_input, e.count, e.shared, recipe.seed, e.strategy_options
-            )
-        )
-    if getattr(e.strategy_options, "align", False):
+    layers = [
+        partition_one(layer, i, family, None if stats is None else stats[i], recipe)
+        for i, layer in enumerate(layer_modules(model, family))
+    ]
+    if getattr(recipe.experts.strategy_options, "align", False):
         layers = align_layers(layers, stats)
-    settings = {"count": e.count, "shared": e.shared, "seed": recipe.seed, "options": e.options}
-    return ModelPartition(e.strategy, layers, settings)
+    return ModelPartition(recipe.experts.strategy, layers, partition_settings(recipe))
 
 
 def build_moe(dense: DenseModel, partition: ModelPartition, recipe: Recipe) -> nn.Module:
@@ -181,7 +138,7 @@ class Evaluator:
         ev = recipe.evaluate
         self.enabled = ev.enabled
         self.causal = dense.family.causal_lm
-        self.pad_id = _pad_id(dense)
+        self.pad_id = pad_id(dense)
         self.batch = recipe.calibration.batch_size
         self.dense_count = count_parameters(dense.model, dense.family)
         if not self.enabled:
@@ -206,14 +163,7 @@ class Evaluator:
 
     def metrics(self, moe: nn.Module, family: Family, router_kind: str) -> dict:
         count = count_parameters(moe, family)
-        result = {
-            "params_total": count.total,
-            "params_active": count.active,
-            "dense_params": self.dense_count.total,
-            "active_ffn_fraction": count.active_ffn_fraction,
-            "router_params": count.router,
-            "router_compute_share": count.router_compute_share,
-        }
+        result = count.metrics(self.dense_count.total)
         if not self.enabled:
             return result
         scores = self.fidelity(moe)
@@ -238,16 +188,11 @@ ORACLE_KEYS = (
 )
 
 
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 @dataclass
 class Transformed:
     """The converted model and what the stages recorded on the way."""
 
-    model: nn.Module
+    model: nn.Module | None  # None after a streamed conversion: the model is in output_dir
     partition: ModelPartition
     evaluator: Evaluator | None
     probe: list[list[int]]  # held-out (else calibration) sequences for output checks
@@ -286,7 +231,7 @@ def transform(
     if recipe.router.trainable:  # fitted to the dense oracle on the calibration text (all domains)
         log.info("training the %s router on the dense oracle", recipe.router.kind)
         router_losses = train_routers(
-            model, pooled(sequences), recipe.router, _pad_id(dense), progress, seed=recipe.seed
+            model, pooled(sequences), recipe.router, pad_id(dense), progress, seed=recipe.seed
         )
     before, recovery = {}, {}
     if recipe.recover.steps:
@@ -300,7 +245,7 @@ def transform(
             recipe.recover,
             recipe.router,
             recipe.seed,
-            _pad_id(dense),
+            pad_id(dense),
             checkpoints,
             resume=resume,
             progress=progress,
@@ -317,13 +262,6 @@ def transform(
     return Transformed(model, partition, evaluator, probe, router_losses, before, recovery)
 
 
-def recipe_fingerprint(recipe: Recipe) -> str:
-    """Identifies what a recovery checkpoint was computed from (the output dir aside)."""
-    data = recipe.model_dump(mode="json")
-    data["output"].pop("dir")
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 @errors_shared()  # under a launcher, an error on any process ends every one, reported once
 def convert(
     recipe: str | Path | dict | Recipe,
@@ -336,12 +274,18 @@ def convert(
     resume: bool = False,
     progress: bool = True,
     on_round_end: Callable[[int], None] | None = None,
+    on_layer_end: Callable[[int], None] | None = None,
 ) -> ConversionResult:
     """Run a recipe end to end; returns the model, partition and report (and saves them).
 
     With recovery, each round is checkpointed in `.<out>.recover/` beside the output;
     `resume=True` continues from there after a killed run. `on_round_end(i)` is called after
     round i is checkpointed.
+
+    A streamed conversion (`stream:`; see recast.stream) converts layer by layer into the
+    output and keeps no model in memory: the result's `model` is None (`recast.load` the
+    output). Its work is kept in `.<out>.stream/` until it succeeds, and `resume=True` goes
+    on at the first layer not done; `on_layer_end(i)` is called once layer i is.
     """
     recipe_file = [Path(recipe)] if isinstance(recipe, (str, Path)) else []
     recipe = load_recipe(recipe, overrides)
@@ -355,6 +299,17 @@ def convert(
             check_output(bundle, overwrite, (*inputs, target))
     data.check_sources(recipe.text_sources)  # before loading: unused sources are checked too
     share_errors(None)  # the main process's refusal stops the others before their work, too
+    if save and streamed.wanted(recipe, resolve_source(recipe.model)):
+        if distributed_state().num_processes > 1:
+            raise RecipeError(
+                "a streamed conversion runs in one process; launch it without a launcher "
+                "(or set stream.enabled: false)"
+            )
+        conversion = streamed.StreamedConversion(
+            recipe, resolve_source(recipe.model), target, progress
+        )
+        report, partition = conversion.run(resume, overwrite, inputs, on_layer_end)
+        return ConversionResult(None, partition, report, recipe, target, conversion.dense.tokenizer)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     log.info("loading %s", recipe.model)
@@ -374,22 +329,16 @@ def convert(
     conversion_seconds = time.perf_counter() - started
     log.info("evaluating")
     metrics = evaluator.metrics(model, dense.family, recipe.router.kind)
-    if done.router_losses:
-        metrics["router_loss_first"] = done.router_losses[0]
-        metrics["router_loss_last"] = done.router_losses[-1]
     metrics["conversion_seconds"] = conversion_seconds
     metrics["peak_rss_mb"] = peak_rss_mb()
-    report = Report(
-        name=recipe.name,
-        model=recipe.model,
-        family=dense.family.name,
-        experts=recipe.experts.model_dump(),
-        router=recipe.router.kind,
-        metrics=metrics,
-        routing=evaluator.routing(model) if evaluator.enabled else {},
+    report = run_report(
+        recipe,
+        dense.family.name,
+        metrics,
+        evaluator.routing(model) if evaluator.enabled else {},
+        done.router_losses,
         before_recovery=done.before_recovery,
         recovery=done.recovery,
-        notes=_notes(recipe),
     )
     result = ConversionResult(model, done.partition, report, recipe, None, dense.tokenizer)
     if save and main_process:
@@ -428,16 +377,7 @@ def write_output(
     """The output files in the recipe's format, checked against `model` where the format can
     be loaded back (stock formats)."""
     output = FORMATS.get(recipe.output.format)
-    output.write(model, staging, dense.tokenizer)
-    report.stock_check = output.check_written(model, staging, probe, _pad_id(dense))
+    output.write(model, staging, dense.tokenizer, shard_bytes(recipe.output.shard_size))
+    report.stock_check = output.check_written(model, staging, probe, pad_id(dense))
     (staging / "recipe.yaml").write_text(recipe.to_yaml())
     report.save(staging / "report.json")
-
-
-def _notes(recipe: Recipe) -> list[str]:
-    if recipe.router.kind == "oracle":
-        return [
-            "the oracle router reads the dense activations to choose experts: it is the "
-            "quality upper bound, and saves no compute until a trained router replaces it"
-        ]
-    return []

@@ -26,6 +26,7 @@ from .refactor.calibrate import CalibrationSpec
 from .refactor.partition import ExpertsSpec
 from .routers.train import RouterSpec
 from .settings import Section, read_mapping, validated
+from .stream.settings import StreamSpec
 
 
 class Recipe(Section):
@@ -38,6 +39,7 @@ class Recipe(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     export: ExportSpec | None = None
+    stream: StreamSpec = Field(default_factory=StreamSpec)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # what torch and numpy seeding accept
 
     @field_validator("name")

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .atomic import write_errors
 from .data import padded_batches
 from .distributed import distributed_state, share_errors, weights_digest
-from .errors import RecastError
+from .errors import RecastError, ResumeError
 from .refactor.moe import moe_layers
 from .routers.train import RouterSpec, train_routers, trainable_parameters
 from .settings import Section
@@ -41,10 +41,6 @@ from .settings import Section
 
 class RecoverError(RecastError):
     """Recovery cannot run as configured."""
-
-
-class ResumeError(RecoverError):
-    """A recovery checkpoint cannot be resumed (missing, or from another recipe)."""
 
 
 class LoraSpec(Section):

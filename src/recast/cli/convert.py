@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Run a conversion recipe and write the MoE model, its partition, the "
         "resolved recipe and a report to the output directory (exported/<name> by default). "
         "The output is written to a temporary directory and renamed at the end, so a failed "
-        "run leaves nothing behind.",
+        "run leaves nothing behind. Checkpoints of 1 GiB and more are converted layer by "
+        "layer (stream: in the recipe), holding one decoder layer in memory at a time.",
     )
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument(
@@ -44,8 +45,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue a killed run from its last recovery round checkpoint "
-        "(kept in .<out>.recover/ beside the output until the run succeeds)",
+        help="continue a killed run: a streamed conversion at its first layer not done "
+        "(.<out>.stream/), recovery from its last round checkpoint (.<out>.recover/); both "
+        "are kept beside the output until the run succeeds",
+    )
+    parser.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        help="split weights above SIZE into numbered safetensors shards with an index "
+        "(e.g. 5GB, the default, or 500MB; sets output.shard_size)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="where a streamed conversion computes each layer (auto: cuda when there is "
+        "one; sets stream.device)",
     )
     return parser
 
@@ -54,15 +68,16 @@ def run(args) -> int:
     from ..pipeline import convert
     from ..recipe import load_recipe
 
+    overrides = [*args.overrides, *flag_overrides(args)]
     if args.dry_run:
-        print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
+        print(load_recipe(args.recipe, overrides).to_yaml(), end="")
         return 0
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under a launcher: once, by rank 0
         common.log_stages()
     result = convert(
         args.recipe,
         out=args.out,
-        overrides=args.overrides,
+        overrides=overrides,
         overwrite=args.overwrite,
         trust_pickle=args.trust_pickle,
         resume=args.resume,
@@ -74,3 +89,13 @@ def run(args) -> int:
         if result.bundle_dir is not None:
             print(f"bundle (parity checked) in {result.bundle_dir}")
     return 0
+
+
+def flag_overrides(args) -> list[str]:
+    """The recipe keys that `--shard-size` and `--device` set (after any `--set`)."""
+    out = []
+    if args.shard_size is not None:
+        out.append(f"output.shard_size={args.shard_size}")
+    if args.device is not None:
+        out.append(f"stream.device={args.device}")
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +23,26 @@ class LMOutputs:
 def lm_outputs(
     model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
 ) -> LMOutputs:
+    return lm_outputs_of(
+        (ids, mask, model(input_ids=ids, attention_mask=mask).logits)
+        for ids, mask in _batches_on(model, sequences, batch_size, pad_id)
+    )
+
+
+def lm_outputs_of(batches: Iterable[tuple[Tensor, Tensor, Tensor]]) -> LMOutputs:
+    """LMOutputs of `(input_ids, attention_mask, logits)` batches."""
     log_probs, targets = [], []
-    device = next(model.parameters()).device
-    for ids, mask in padded_batches(sequences, batch_size, pad_id):
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    for ids, mask, logits in batches:
         keep = mask[:, 1:].bool()
-        log_probs.append(torch.log_softmax(logits[keep].float(), dim=-1).cpu())
+        log_probs.append(torch.log_softmax(logits[:, :-1][keep].float(), dim=-1).cpu())
         targets.append(ids[:, 1:][keep].cpu())
     return LMOutputs(torch.cat(log_probs), torch.cat(targets))
+
+
+def _batches_on(model: nn.Module, sequences, batch_size: int, pad_id: int):
+    device = next(model.parameters()).device
+    for ids, mask in padded_batches(sequences, batch_size, pad_id):
+        yield ids.to(device), mask.to(device)
 
 
 def perplexity(out: LMOutputs) -> float:
@@ -57,11 +69,16 @@ def embeddings(
     model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
 ) -> Tensor:
     """Mean-pooled last hidden states (sentence-transformers pooling), one row per sequence."""
+    return embeddings_of(
+        (mask, model(input_ids=ids, attention_mask=mask).last_hidden_state)
+        for ids, mask in _batches_on(model, sequences, batch_size, pad_id)
+    )
+
+
+def embeddings_of(batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """Mean-pooled rows of `(attention_mask, last hidden states)` batches."""
     rows = []
-    device = next(model.parameters()).device
-    for ids, mask in padded_batches(sequences, batch_size, pad_id):
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for mask, hidden in batches:
         weights = mask[..., None].to(hidden.dtype)
         rows.append(((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).float().cpu())
     return torch.cat(rows)

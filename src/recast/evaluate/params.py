@@ -30,6 +30,17 @@ class ParamCount:
     def active_ffn_fraction(self) -> float:
         return self.ffn_active / self.ffn_total if self.ffn_total else 1.0
 
+    def metrics(self, dense_params: int) -> dict:
+        """The report's parameter rows, beside the dense model's `dense_params`."""
+        return {
+            "params_total": self.total,
+            "params_active": self.active,
+            "dense_params": dense_params,
+            "active_ffn_fraction": self.active_ffn_fraction,
+            "router_params": self.router,
+            "router_compute_share": self.router_compute_share,
+        }
+
 
 def _per_neuron(bank: ExpertBank) -> int:
     """Parameters one intermediate neuron owns: its up (and gate) row, biases, down column."""
@@ -52,28 +63,45 @@ def moe_count(moe: MoEFFN) -> tuple[int, int]:
     return total, active
 
 
+def moe_layer_count(layer: nn.Module, moe: MoEFFN) -> ParamCount:
+    """Counts of one transformer layer whose FFN is `moe` (padding neurons are storage, not
+    parameters)."""
+    ffn_total, ffn_active = moe_count(moe)
+    router = sum(p.numel() for p in moe.router.parameters())
+    stored_ffn = sum(p.numel() for p in moe.parameters()) - router
+    total = sum(p.numel() for p in layer.parameters()) - (stored_ffn - ffn_total)
+    return ParamCount(total, total - ffn_total + ffn_active, ffn_total, ffn_active, router)
+
+
+def total_count(layers: list[ParamCount], outer: int, pregate: nn.Module | None) -> ParamCount:
+    """The model's counts from its layers', the `outer` parameters (embeddings, norms, head,
+    a pre-gating router) and that router."""
+    count = ParamCount(
+        outer + sum(c.total for c in layers),
+        outer + sum(c.active for c in layers),
+        sum(c.ffn_total for c in layers),
+        sum(c.ffn_active for c in layers),
+        sum(c.router for c in layers),
+    )
+    if pregate is not None:
+        count.router += sum(p.numel() for p in pregate.parameters())
+        count.router_lookup = sum(
+            m.weight.numel() for m in pregate.modules() if isinstance(m, nn.Embedding)
+        )
+    return count
+
+
 def count_parameters(model: nn.Module, family: Family) -> ParamCount:
     """Counts for a dense model (everything active) or a recast MoE model."""
     total = sum(p.numel() for p in model.parameters())
+    layers = layer_modules(model, family)
     moes = moe_layers(model)
     if moes:
-        counts = [moe_count(m) for m in moes]
-        ffn_total = sum(c[0] for c in counts)
-        ffn_active = sum(c[1] for c in counts)
-        routers = sum(p.numel() for m in moes for p in m.router.parameters())
-        pregate = getattr(model, "recast_router", None)
-        lookup = 0
-        if pregate is not None:
-            routers += sum(p.numel() for p in pregate.parameters())
-            lookup = sum(m.weight.numel() for m in pregate.modules() if isinstance(m, nn.Embedding))
-        stored_ffn = sum(p.numel() for m in moes for p in m.parameters()) - sum(
-            p.numel() for m in moes for p in m.router.parameters()
-        )
-        total -= stored_ffn - ffn_total  # padding neurons are storage, not parameters
-        active = total - ffn_total + ffn_active
-        return ParamCount(total, active, ffn_total, ffn_active, routers, lookup)
+        outer = total - sum(p.numel() for layer in layers for p in layer.parameters())
+        counts = [moe_layer_count(layer, moe) for layer, moe in zip(layers, moes, strict=True)]
+        return total_count(counts, outer, getattr(model, "recast_router", None))
     ffn_total = 0
-    for i, layer in enumerate(layer_modules(model, family)):
+    for i, layer in enumerate(layers):
         ffn = dense_ffn(layer, family, i)
         ffn_total += sum(
             t.numel()

@@ -19,6 +19,9 @@ from torch import nn
 from ..models.families import Family
 from ..registry import Registry
 from ..settings import Section, registered
+from ..shards import DEFAULT_SHARD_SIZE, shard_bytes
+
+SHARD_BYTES = shard_bytes(DEFAULT_SHARD_SIZE)
 
 
 class OutputFormat:
@@ -40,8 +43,11 @@ class OutputFormat:
     def prepare(self, model: nn.Module) -> None:
         """Give the just-built MoE what the format computes, so that it is trained that way."""
 
-    def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
-        """The format's files into an existing (staging) directory."""
+    def write(
+        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
+    ) -> None:
+        """The format's files into an existing (staging) directory; weights above `shard_size`
+        bytes are sharded."""
         raise NotImplementedError
 
     def check_written(
@@ -66,6 +72,14 @@ class OutputSpec(Section):
     # formats that load without recast (per-layer linear gates, softmax combine).
     format: str = "recast"
     dir: str | None = None
+    # safetensors files above this are split into numbered shards with an index
+    shard_size: str | int = DEFAULT_SHARD_SIZE
+
+    @field_validator("shard_size")
+    @classmethod
+    def _a_size(cls, size: str | int) -> str | int:
+        shard_bytes(size)
+        return size
 
     @field_validator("format")
     @classmethod

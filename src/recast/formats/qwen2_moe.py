@@ -12,7 +12,7 @@ from torch import nn
 from ..models.families import Family
 from ..refactor.info import MoEInfo, info_of
 from ..refactor.moe import MoEFFN, moe_layers
-from .base import register_format
+from .base import SHARD_BYTES, register_format
 from .stock import StockFormat, expert_width
 
 log = logging.getLogger("recast")
@@ -38,8 +38,10 @@ class Qwen2MoE(StockFormat):
             layer.add_shared_gate()
         model.recast.shared_gate = True
 
-    def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
-        super().write(model, directory, tokenizer)
+    def write(
+        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
+    ) -> None:
+        super().write(model, directory, tokenizer, shard_size)
         if info_of(model).combine == "softmax":
             log.warning(
                 "output.format qwen2_moe with experts.combine softmax: llama.cpp's qwen2moe "

@@ -3,7 +3,8 @@
 
 `config.json` has `model_type: recast_moe` and wraps the dense model's config (`base_config`)
 plus the MoE layout (`recast`). Loading builds the dense architecture without initialising
-weights, swaps in MoE layers of the saved shapes, and loads `model.safetensors` strictly. The
+weights, swaps in MoE layers of the saved shapes, and loads the weights (`model.safetensors`, or
+shards and their index) strictly. The
 result is the family's own transformers class (e.g. `LlamaForCausalLM`) with MoE FFNs, so
 `generate`, tokenizers and pipelines work unchanged.
 """
@@ -13,21 +14,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import safetensors.torch
+import accelerate
 import torch
 import transformers
 from torch import nn
-from transformers.initialization import no_init_weights
 
 from ..atomic import atomic_directory
-from ..errors import FormatError
+from ..errors import FormatError, ModelLoadError
 from ..models.families import Family, family_for
 from ..models.surgery import layer_modules, replace_module, tied_weights, untied_state
 from ..refactor.info import MoEInfo, info_of
 from ..refactor.moe import ExpertBank, MoEFFN
 from ..refactor.partition import ModelPartition
 from ..routers import attach_routers
-from .base import OutputFormat, register_format
+from ..shards import DEFAULT_SHARD_SIZE, Checkpoint, shard_bytes, write_sharded
+from .base import SHARD_BYTES, OutputFormat, register_format
 
 MODEL_TYPE = "recast_moe"
 FORMAT_VERSION = 2  # 2: `recast.router` is a dict of kind and options
@@ -44,10 +45,8 @@ class RecastMoEConfig(transformers.PretrainedConfig):
 
 def _load_from_dir(cls, pretrained_model_name_or_path, *args, **kwargs):
     """`from_pretrained` for the Auto classes; honours `dtype` and a single-device `device_map`."""
-    model = load(pretrained_model_name_or_path)
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    if dtype not in (None, "auto"):
-        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model = load(pretrained_model_name_or_path, torch.float32 if dtype is None else dtype)
     device = kwargs.get("device_map")
     if isinstance(device, (str, torch.device)) and device != "auto":
         model = model.to(device)
@@ -73,32 +72,39 @@ def register_auto_classes() -> None:
 
 
 def save(
-    model: nn.Module, directory: str | Path, *, overwrite: bool = False, tokenizer=None
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    overwrite: bool = False,
+    tokenizer=None,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Write `model` in the recast format (atomically; replaces a non-empty dir only with
-    `overwrite`, and only one recast wrote)."""
+    `overwrite`, and only one recast wrote); weights above `shard_size` are sharded."""
     with atomic_directory(Path(directory), overwrite) as staging:
-        write_model(model, staging, tokenizer)
+        write_model(model, staging, tokenizer, shard_bytes(shard_size))
     return Path(directory)
 
 
-def write_model(model: nn.Module, directory: Path, tokenizer=None) -> None:
-    """The files of the recast format, into an existing (staging) directory."""
-    info = info_of(model)
+def write_config(directory: Path, base_config: dict, info: MoEInfo, causal_lm: bool) -> None:
+    """`config.json` of the recast format: the dense config wrapped with the MoE layout."""
     config = {
         "model_type": MODEL_TYPE,
-        "architectures": [
-            (
-                RecastMoEForCausalLM
-                if family_for(model.config.model_type).causal_lm
-                else RecastMoEModel
-            ).__name__
-        ],
-        "base_config": model.config.to_dict(),
+        "architectures": [(RecastMoEForCausalLM if causal_lm else RecastMoEModel).__name__],
+        "base_config": base_config,
         "recast": {"format_version": FORMAT_VERSION, **info.to_json()},
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    safetensors.torch.save_file(untied_state(model), str(directory / "model.safetensors"))
+
+
+def write_model(
+    model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
+) -> None:
+    """The files of the recast format, into an existing (staging) directory."""
+    info = info_of(model)
+    causal = family_for(model.config.model_type).causal_lm
+    write_config(directory, model.config.to_dict(), info, causal)
+    write_sharded(directory, list(untied_state(model).items()), shard_size)
     if info.partition is not None:
         info.partition.save(directory / "partition.json")
     if tokenizer is not None:
@@ -111,23 +117,31 @@ class RecastFormat(OutputFormat):
 
     name = "recast"
 
-    def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
-        write_model(model, directory, tokenizer)
+    def write(
+        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
+    ) -> None:
+        write_model(model, directory, tokenizer, shard_size)
 
 
-def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
+def install_skeleton(
+    model: nn.Module, family: Family, info: MoEInfo, dtype: torch.dtype = torch.float32
+) -> None:
     """Replace each FFN with an MoE layer of the saved shapes (weights filled in by loading)."""
     hidden = model.config.hidden_size
     for i, layer in enumerate(layer_modules(model, family)):
         gated, biased = family.gated, info.bias
         experts = ExpertBank(
-            info.num_experts, info.expert_widths[i], hidden, info.activation, gated, biased
+            info.num_experts, info.expert_widths[i], hidden, info.activation, gated, biased, dtype
         )
         shared = None
         if info.shared_widths[i]:
-            shared = ExpertBank(1, info.shared_widths[i], hidden, info.activation, gated, biased)
-        down_bias = torch.zeros(hidden) if biased else None
-        gate = nn.Linear(hidden, 1, bias=False) if info.shared_gate and shared is not None else None
+            shared = ExpertBank(
+                1, info.shared_widths[i], hidden, info.activation, gated, biased, dtype
+            )
+        down_bias = torch.zeros(hidden, dtype=dtype) if biased else None
+        gate = None
+        if info.shared_gate and shared is not None:
+            gate = nn.Linear(hidden, 1, bias=False, dtype=dtype)
         moe = MoEFFN(experts, shared, down_bias, None, info.combine, i, gate)
         replace_module(layer, family.ffn, moe)
         for path in family.identity:
@@ -136,8 +150,12 @@ def install_skeleton(model: nn.Module, family: Family, info: MoEInfo) -> None:
     attach_routers(model, info.router["kind"], info.top_k, info.combine, options, initialize=False)
 
 
-def load(directory: str | Path) -> nn.Module:
-    """Load a recast-format directory into the family's transformers class with MoE layers."""
+def load(directory: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """Load a recast-format directory (one file or shards) into the family's transformers
+    class with MoE layers, in `dtype` ("auto": the dtype the files are stored in).
+
+    The model is built on the meta device and takes the tensors as they are read, one at a
+    time, so loading needs the model's memory and no second copy."""
     directory = Path(directory)
     try:
         config = json.loads((directory / "config.json").read_text())
@@ -161,37 +179,65 @@ def load(directory: str | Path) -> nn.Module:
     base = dict(config["base_config"])
     base_config = transformers.AutoConfig.for_model(base.pop("model_type"), **base)
     family = family_for(base_config.model_type)
+    checkpoint = _checkpoint(directory)
+    dtype = _dtype(dtype, checkpoint)
     auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
-    with no_init_weights():
-        model = auto.from_config(base_config, dtype=torch.float32)
-    install_skeleton(model, family, info)
-    _load_weights(model, directory / "model.safetensors")
+    with accelerate.init_empty_weights():  # parameters on meta; buffers (rotary) computed
+        model = auto.from_config(base_config, dtype=dtype)
+        install_skeleton(model, family, info, dtype)
+    _load_weights(model, checkpoint, dtype)
     if (directory / "partition.json").exists():
         info.partition = ModelPartition.load(directory / "partition.json")
     model.recast = info
     return model.eval()
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _checkpoint(directory: Path) -> Checkpoint:
     try:
-        state = safetensors.torch.load_file(str(path))
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise FormatError(f"cannot read {path}: {exc}") from exc
-    try:
-        # copied into the model's own tensors, not assigned: safetensors' tensors are views of
-        # one buffer at 8-byte offsets, and unaligned data takes other matmul kernels on some
-        # CPUs (results off by ~1e-6), so a loaded model would not compute bit for bit the same
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
+        return Checkpoint(directory)
+    except ModelLoadError as exc:
+        raise FormatError(str(exc)) from exc
+
+
+def _dtype(dtype: torch.dtype | str, checkpoint: Checkpoint) -> torch.dtype:
+    if dtype == "auto":
+        return checkpoint.dtype()
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise FormatError(f"dtype {dtype!r} is not a torch dtype; give e.g. bfloat16 or auto")
+        return resolved
+    return dtype
+
+
+def _load_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+    expected = model.state_dict()
+    state = {}
+    for name in checkpoint.names:
+        try:
+            tensor = checkpoint.get(name)
+        except ModelLoadError as exc:
+            raise FormatError(str(exc)) from exc
+        # Copied into a tensor of torch's own (64-byte aligned) allocation before it is
+        # assigned: safetensors' buffers are aligned less, and unaligned data takes other
+        # matmul kernels on some CPUs (results off by ~1e-6), so a loaded model would not
+        # compute bit for bit the same. One tensor at a time: no second copy of the model.
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        state[name] = torch.empty(tensor.shape, dtype=target).copy_(tensor)
+        del tensor
+        if name in expected and state[name].shape != expected[name].shape:
+            raise FormatError(
+                f"{checkpoint.directory} does not match its config.json: tensor {name} has "
+                f"shape {list(state[name].shape)}, the config says {list(expected[name].shape)}"
+            )
+    missing = [k for k in expected if k not in state and k not in tied_weights(model)]
+    unexpected = [k for k in state if k not in expected]
+    if unexpected or missing:
         raise FormatError(
-            f"{path} does not match its config.json: {str(exc).splitlines()[0]}"
-        ) from exc
-    missing = [k for k in result.missing_keys if k not in tied_weights(model)]
-    if result.unexpected_keys or missing:
-        raise FormatError(
-            f"{path} does not match its config.json (missing {missing[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]})"
+            f"{checkpoint.directory} does not match its config.json (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
         )
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
 
 

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-import safetensors.torch
 import torch
 import transformers
 from torch import nn
@@ -30,7 +29,8 @@ from ..models.families import Family, family_for
 from ..models.surgery import layer_modules, untied_state
 from ..refactor.info import MoEInfo, info_of
 from ..refactor.moe import MoEFFN, moe_layers
-from .base import OutputFormat
+from ..shards import write_sharded
+from .base import SHARD_BYTES, OutputFormat
 
 # Log-probabilities of the stock model and recast's may differ by fp32 reassociation only.
 PARITY_ATOL = 1e-4
@@ -152,16 +152,15 @@ class StockFormat(OutputFormat):
             out.update(self.layer_tensors(moe, p))
         return out
 
-    def write(self, model: nn.Module, directory: Path, tokenizer=None) -> None:
+    def write(
+        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
+    ) -> None:
         for moe in moe_layers(model):
             moe.bank.zero_padding()
         self.config(model).save_pretrained(directory)
         add_legacy_config_keys(directory / "config.json")
-        safetensors.torch.save_file(
-            self.state(model, family_for(model.config.model_type)),
-            str(directory / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        state = self.state(model, family_for(model.config.model_type))
+        write_sharded(directory, list(state.items()), shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
             _name_tokenizer_class_for_every_reader(directory / "tokenizer_config.json")

@@ -79,18 +79,24 @@ def convert_layers(
         partition.validate(ffns_ok[i].width)
     del ffns_ok
     activation = activation_of(model, family)
-    replaced = []
     for i, layer in enumerate(layers):
-        moe = moe_from_dense(
-            dense_ffn(layer, family, i),
-            partitions[i],
-            activation,
-            None,
-            combine,
-            i,
-        )
-        replace_module(layer, family.ffn, moe)
-        for path in family.identity:
-            replace_module(layer, path, nn.Identity())
-        replaced.append(f"{family.layers}.{i}.{family.ffn}")
-    return replaced
+        convert_layer(layer, i, family, partitions[i], combine, activation)
+    return [f"{family.layers}.{i}.{family.ffn}" for i in range(len(layers))]
+
+
+def convert_layer(
+    layer: nn.Module,
+    index: int,
+    family: Family,
+    partition: Partition,
+    combine: str,
+    activation: str,
+) -> MoEFFN:
+    """Replace one layer's FFN by an MoE layer (without a router); returns it."""
+    moe = moe_from_dense(
+        dense_ffn(layer, family, index), partition, activation, None, combine, index
+    )
+    replace_module(layer, family.ffn, moe)
+    for path in family.identity:
+        replace_module(layer, path, nn.Identity())
+    return moe

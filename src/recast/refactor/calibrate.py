@@ -9,6 +9,8 @@ for the strategies that cluster. Nothing grows with the number of calibration to
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,54 @@ class NeuronAccumulator:
         )
 
 
+class ActivationStats:
+    """Accumulators fed by forward pre-hooks on the down projections of `layers`, for the
+    tokens of the batch announced with `batch` (padding excluded)."""
+
+    def __init__(self, layers: list[nn.Module], family: Family, reservoir_size: int, seed: int):
+        self.downs = [layer.get_submodule(family.down) for layer in layers]
+        # Identically seeded reservoirs pick the same token positions in every layer, so
+        # reservoir row r is one token seen by all layers (what cross-layer expert alignment
+        # compares); layer by layer (streaming) they pick the same ones again.
+        self.accumulators = [
+            NeuronAccumulator(
+                width, Reservoir(reservoir_size, width, torch.Generator().manual_seed(seed))
+            )
+            for width in (_input_width(down, family) for down in self.downs)
+        ]
+        self.state: dict = {}
+
+    def batch(self, mask: Tensor, domain: str) -> None:
+        """The next forward's attention mask `[B, T]` and calibration domain."""
+        self.state["mask"] = mask.reshape(-1).bool()
+        self.state["all_real"] = bool(self.state["mask"].all())  # no copy when nothing is padding
+        self.state["domain"] = domain
+
+    def _hook_for(self, acc: NeuronAccumulator):
+        state = self.state
+
+        def hook(module, args):
+            h = args[0].reshape(-1, acc.width)
+            acc.add(h if state["all_real"] else h[state["mask"]], state["domain"])
+
+        return hook
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        handles = [
+            d.register_forward_pre_hook(self._hook_for(a))
+            for d, a in zip(self.downs, self.accumulators, strict=True)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def results(self) -> list[LayerStats]:
+        return [a.result() for a in self.accumulators]
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -132,47 +182,26 @@ def calibrate(
     progress: bool = True,
 ) -> list[LayerStats]:
     """Per-layer statistics of the dense FFNs' intermediate activations over `domains`."""
-    downs = [layer.get_submodule(family.down) for layer in layer_modules(model, family)]
-    # Identically seeded reservoirs pick the same token positions in every layer, so reservoir
-    # row r is one token seen by all layers (what cross-layer expert alignment compares).
-    accumulators = [
-        NeuronAccumulator(
-            width, Reservoir(reservoir_size, width, torch.Generator().manual_seed(seed))
-        )
-        for width in (_input_width(down, family) for down in downs)
-    ]
-    state: dict = {}
-
-    def hook_for(acc: NeuronAccumulator):
-        def hook(module, args):
-            h = args[0].reshape(-1, acc.width)
-            acc.add(h if state["all_real"] else h[state["mask"]], state["domain"])
-
-        return hook
-
-    handles = [
-        d.register_forward_pre_hook(hook_for(a)) for d, a in zip(downs, accumulators, strict=True)
-    ]
+    stats = ActivationStats(list(layer_modules(model, family)), family, reservoir_size, seed)
     total = sum(len(s) for seqs in domains.values() for s in seqs)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     return_freed_memory_to_the_system()
     try:
-        with tqdm(total=total, unit="tok", desc="calibrate", disable=not progress) as bar:
+        with (
+            stats.watching(),
+            tqdm(total=total, unit="tok", desc="calibrate", disable=not progress) as bar,
+        ):
             for domain, sequences in domains.items():
-                state["domain"] = domain
                 for ids, mask in data.padded_batches(sequences, batch_size, pad_id):
                     ids, mask = ids.to(device), mask.to(device)
-                    state["mask"] = mask.reshape(-1).bool()
-                    state["all_real"] = bool(state["mask"].all())  # no copy when nothing is padding
+                    stats.batch(mask, domain)
                     model.base_model(input_ids=ids, attention_mask=mask)
                     bar.update(int(mask.sum()))
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-    return [a.result() for a in accumulators]
+    return stats.results()
 
 
 def return_freed_memory_to_the_system() -> None:

@@ -449,18 +449,30 @@ def best_permutation(similarity: Tensor) -> list[int]:
     return perm
 
 
-def align_layers(partitions: list[Partition], stats: list[LayerStats]) -> list[Partition]:
-    """Renumber experts so that expert e co-activates with expert e of the layers before.
+class LayerAligner:
+    """Renumbers each layer's experts, in layer order, so that expert e co-activates with
+    expert e of the layers before it.
 
     Reservoir row r is the same token in every layer (see `calibrate`), so expert profiles
     are comparable across layers. Each layer is matched to the running consensus of the
-    layers already aligned, which keeps one drifting layer from steering the rest.
+    layers already aligned, which keeps one drifting layer from steering the rest; the
+    consensus (`[R, E]`) is all it keeps, so layers can be aligned as they are converted.
     """
-    aligned = [partitions[0]]
-    consensus = expert_profiles(partitions[0], stats[0])
-    for partition, layer_stats in zip(partitions[1:], stats[1:], strict=True):
-        profiles = expert_profiles(partition, layer_stats)
-        perm = best_permutation(consensus.T @ profiles / profiles.shape[0])
-        aligned.append(Partition(partition.shared, [partition.experts[p] for p in perm]))
-        consensus = consensus + profiles[:, perm]
-    return aligned
+
+    def __init__(self, consensus: Tensor | None = None):
+        self.consensus = consensus
+
+    def align(self, partition: Partition, stats: LayerStats) -> Partition:
+        profiles = expert_profiles(partition, stats)
+        if self.consensus is None:
+            self.consensus = profiles
+            return partition
+        perm = best_permutation(self.consensus.T @ profiles / profiles.shape[0])
+        self.consensus = self.consensus + profiles[:, perm]
+        return Partition(partition.shared, [partition.experts[p] for p in perm])
+
+
+def align_layers(partitions: list[Partition], stats: list[LayerStats]) -> list[Partition]:
+    """Every layer's partition aligned to the layers before it (`LayerAligner`)."""
+    aligner = LayerAligner()
+    return [aligner.align(p, s) for p, s in zip(partitions, stats, strict=True)]

@@ -86,12 +86,18 @@ ROUTERS: Registry[type[Router]] = Registry("router")
 
 
 def attach_routers(
-    model: nn.Module, kind: str, top_k: int, combine: str, options: dict, initialize: bool = True
+    model: nn.Module,
+    kind: str,
+    top_k: int,
+    combine: str,
+    options: dict,
+    initialize: bool = True,
+    layers: list[MoEFFN] | None = None,
 ) -> None:
-    """Give every MoE layer of `model` a router of `kind`, and record it in the model's
-    `MoEInfo` so that saving writes what the model really does."""
+    """Give every MoE layer of `model` (or the given `layers` of it) a router of `kind`, and
+    record it in the model's `MoEInfo` so that saving writes what the model really does."""
     router_cls = ROUTERS.get(kind)
-    layers = moe_layers(model)
+    layers = moe_layers(model) if layers is None else layers
     router_cls.attach(model, layers, top_k, combine, router_cls.Options(**options), initialize)
     for layer in layers:
         layer.combine = combine

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data import padded_batches
-from ..refactor.moe import moe_layers
+from ..refactor.moe import MoEFFN, moe_layers
 from ..settings import Section, check_options, registered
 from .base import ROUTERS, RouterOptions
 from .oracle import AllRouter, OracleRouter
@@ -220,79 +220,141 @@ def train_routers(
     params = trainable_parameters(model)
     if not params:
         return []
+    top_k = moe_layers(model)[0].router.top_k
+    batches = list(padded_batches(sequences, settings.batch_size, pad_id))
+    labels = OracleCache(model, batches, ORACLE_CACHE_BYTES)
+
+    def loss_of(index: int) -> Tensor:
+        batch = labels[index]
+        pairs = list(zip(router_logits(model, batch), batch.mass, strict=True))
+        loss = sum(router_loss(z, m, top_k, settings) for z, m in pairs) / len(pairs)
+        if load_balance:
+            balance = sum(balance_loss(z, top_k) for z, _ in pairs) / len(pairs)
+            loss = loss + load_balance * balance
+        return loss
+
+    was_training = model.training
+    model.eval()  # no dropout in the backbone that produces the labels
+    losses = fit(params, len(batches), loss_of, settings, seed, progress)
+    model.train(was_training)
+    return losses
+
+
+def fit(
+    params: list[nn.Parameter],
+    batches: int,
+    loss_of,
+    settings: RouterSpec,
+    seed: int,
+    progress: bool,
+    desc: str = "train router",
+    leave: bool = True,
+) -> list[float]:
+    """`settings.steps` AdamW steps (cosine schedule) on `loss_of(batch index)`, the batch
+    drawn at random (seeded) each step; returns the losses."""
     for p in params:
         p.requires_grad_(True)
-    top_k = moe_layers(model)[0].router.top_k
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
     order = random.Random(seed)
-    batches = list(padded_batches(sequences, settings.batch_size, pad_id))
-    labels = OracleCache(model, batches, ORACLE_CACHE_BYTES)
     losses = []
-    was_training = model.training
-    model.eval()  # no dropout in the backbone that produces the labels
-    with tqdm(range(settings.steps), desc="train router", disable=not progress) as bar:
+    with tqdm(range(settings.steps), desc=desc, disable=not progress, leave=leave) as bar:
         for _ in bar:
-            batch = labels[order.randrange(len(batches))]
             with torch.enable_grad():
-                pairs = list(zip(router_logits(model, batch), batch.mass, strict=True))
-                loss = sum(router_loss(z, m, top_k, settings) for z, m in pairs) / len(pairs)
-                if load_balance:
-                    balance = sum(balance_loss(z, top_k) for z, _ in pairs) / len(pairs)
-                    loss = loss + load_balance * balance
+                loss = loss_of(order.randrange(batches))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             schedule.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.train(was_training)
     return losses
+
+
+def train_layer_gate(
+    moe: MoEFFN,
+    batches: list[tuple[Tensor, Tensor]],
+    settings: RouterSpec,
+    seed: int,
+    scale: float = 1.0,
+    progress: bool = True,
+) -> list[float]:
+    """Fit one layer's gate to oracle masses on that layer's cached inputs: `batches` of
+    (FFN inputs `[N, H]`, expert masses `[N, E]`). With the same batches and seed, and
+    `scale` 1 / layers, this is that layer's share of `train_routers` on the whole model
+    (whose loss is the mean over layers), step for step."""
+    top_k = moe.router.top_k
+
+    def loss_of(index: int) -> Tensor:
+        hidden, mass = batches[index]
+        return router_loss(moe.router.scores(hidden), mass, top_k, settings) * scale
+
+    params = list(moe.router.parameters())
+    desc = f"train gate {moe.layer_index}"
+    return fit(params, len(batches), loss_of, settings, seed, progress, desc, leave=False)
+
+
+class RoutingTally:
+    """Routing quality gathered layer by layer: per layer, the expert masses of the oracle and
+    the experts the router picked for the same tokens, in the same order in every layer."""
+
+    def __init__(self, layers: int, num_experts: int, top_k: int):
+        self.num_experts, self.top_k = num_experts, top_k
+        self.masses: list[list[Tensor]] = [[] for _ in range(layers)]
+        self.picked: list[list[Tensor]] = [[] for _ in range(layers)]
+
+    def add(self, layer: int, mass: Tensor, picked: Tensor) -> None:
+        """One batch's tokens of `layer`: oracle masses `[N, E]`, router picks `[N, k]`."""
+        self.masses[layer].append(mass.float().cpu())
+        self.picked[layer].append(picked.cpu())
+
+    def result(self) -> dict:
+        """Per layer: top-k recall against the oracle and load balance; plus the oracle's own
+        cross-layer agreement (how well any single shared decision could do)."""
+        masses = [torch.cat(m) for m in self.masses]
+        picked = [torch.cat(p) for p in self.picked]
+        layers, top_k, tokens = len(masses), self.top_k, masses[0].shape[0]
+        truth = [m.topk(top_k, dim=-1).indices for m in masses]
+        # The best single decision for all layers: top-k of the summed normalised masses.
+        normalised = sum(m / m.sum(-1, keepdim=True).clamp(min=1e-12) for m in masses)
+        consensus = normalised.topk(top_k, dim=-1).indices
+        recall = torch.tensor([_overlap(p, t) for p, t in zip(picked, truth, strict=True)])
+        recall = recall / (tokens * top_k)
+        consensus_recall = torch.tensor([_overlap(consensus, t) for t in truth]) / (tokens * top_k)
+        load = torch.stack(
+            [torch.bincount(p.reshape(-1), minlength=self.num_experts).float() for p in picked]
+        )
+        cv = load.std(dim=1, correction=0) / load.mean(dim=1)
+        first = torch.stack([t[:, 0] for t in truth])  # [L, N]
+        agreement = (first[:, None, :] == first[None, :, :]).float().mean(-1)
+        off_diagonal = ~torch.eye(layers, dtype=torch.bool)
+        pairwise = agreement[off_diagonal].mean() if layers > 1 else torch.tensor(1.0)
+        return {
+            "recall": [round(float(r), 4) for r in recall],
+            "load_cv": [round(float(c), 4) for c in cv],
+            "expert_load": [[int(x) for x in row] for row in load],
+            "oracle_consensus_recall": [round(float(r), 4) for r in consensus_recall],
+            "oracle_top1_agreement": round(float(pairwise), 4),
+            "mean_recall": round(float(recall.mean()), 4),
+            "mean_load_cv": round(float(cv.mean()), 4),
+            "tokens": tokens,
+        }
 
 
 @torch.no_grad()
 def routing_quality(
     model: nn.Module, sequences: list[list[int]], batch_size: int, pad_id: int
 ) -> dict:
-    """Per layer: top-k recall against the oracle and load balance; plus the oracle's own
-    cross-layer agreement (how well any single shared decision could do)."""
+    """`RoutingTally.result` of the model's routers on `sequences`."""
     moes = moe_layers(model)
-    top_k, num_experts = moes[0].router.top_k, moes[0].num_experts
-    hits = torch.zeros(len(moes))
-    load = torch.zeros(len(moes), num_experts)
-    consensus_hits = torch.zeros(len(moes))
-    # Statistics accumulate on the CPU whatever device the model runs on.
-    agreement = torch.zeros(len(moes), len(moes))
-    tokens = 0
+    tally = RoutingTally(len(moes), moes[0].num_experts, moes[0].router.top_k)
     for ids, mask in padded_batches(sequences, batch_size, pad_id):
         batch = oracle_batch(model, ids, mask)
-        oracle_top = [m.topk(top_k, dim=-1).indices.cpu() for m in batch.mass]
-        chosen = [c.cpu() for c in _chosen_experts(model, batch)]
-        # The best single decision for all layers: top-k of the summed normalised masses.
-        normalised = sum(m / m.sum(-1, keepdim=True).clamp(min=1e-12) for m in batch.mass)
-        consensus = normalised.topk(top_k, dim=-1).indices.cpu()
-        first = [t[:, 0] for t in oracle_top]
-        for layer, (truth, picked) in enumerate(zip(oracle_top, chosen, strict=True)):
-            hits[layer] += _overlap(picked, truth)
-            consensus_hits[layer] += _overlap(consensus, truth)
-            load[layer] += torch.bincount(picked.reshape(-1), minlength=num_experts).float()
-            for other in range(len(moes)):
-                agreement[layer, other] += (first[layer] == first[other]).sum()
-        tokens += int(mask.sum())
-    recall = hits / (tokens * top_k)
-    cv = load.std(dim=1, correction=0) / load.mean(dim=1)
-    off_diagonal = ~torch.eye(len(moes), dtype=torch.bool)
-    pairwise = (agreement / tokens)[off_diagonal].mean() if len(moes) > 1 else torch.tensor(1.0)
-    return {
-        "recall": [round(float(r), 4) for r in recall],
-        "load_cv": [round(float(c), 4) for c in cv],
-        "expert_load": [[int(x) for x in row] for row in load],
-        "oracle_consensus_recall": [round(float(r), 4) for r in consensus_hits / (tokens * top_k)],
-        "oracle_top1_agreement": round(float(pairwise), 4),
-        "mean_recall": round(float(recall.mean()), 4),
-        "mean_load_cv": round(float(cv.mean()), 4),
-        "tokens": tokens,
-    }
+        for layer, (mass, picked) in enumerate(
+            zip(batch.mass, _chosen_experts(model, batch), strict=True)
+        ):
+            tally.add(layer, mass, picked)
+    return tally.result()
 
 
 def _chosen_experts(model: nn.Module, batch: OracleBatch) -> list[Tensor]:
