@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recast.models.surgery import DenseFFN
-from recast.refactor.build import expert_bank, moe_from_dense
+from recast.refactor.build import empty_bank, moe_from_dense
 from recast.refactor.partition import STRATEGIES, Partition
 from recast.routers.oracle import AllRouter
 from tiny_models import FAMILIES, outputs, token_batch
@@ -75,7 +75,7 @@ def test_layer_exact_for_random_sizes_and_partitions(
     moe = moe_from_dense(ffn, partition, activation, AllRouter(experts), "sum", 0)
     x = rand(tokens, hidden)
 
-    act = expert_bank(ffn, [list(range(width))], activation).act
+    act = empty_bank(ffn, [list(range(width))], activation).act
     h = (
         act(x @ ffn.gate.T + (ffn.gate_bias if bias else 0))
         * (x @ ffn.up.T + (ffn.up_bias if bias else 0))

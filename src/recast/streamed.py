@@ -381,6 +381,7 @@ class StreamedConversion:
                 "checkpoint_bytes": self.checkpoint.nbytes,
                 "dtype": str(self.store_dtype).removeprefix("torch."),
                 "calibration_tokens": sum(int(b.mask.sum()) for b in streams.calibration),
+                "evaluation_tokens": sum(int(b.mask.sum()) for b in streams.evaluation),
                 "resumed_at_layer": done,
             }
             report.save(staging / "report.json")

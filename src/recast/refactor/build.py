@@ -1,11 +1,14 @@
 """Build MoE layers from slices of the dense FFN weights and put them in the model.
 
-One layer at a time: its slices are copied into stacked expert tensors, the dense FFN module is
-dropped, and only then is the next layer built, so peak memory stays near one model plus one
-layer's FFN (never a second full copy).
+One layer at a time, and within a layer one projection at a time: the banks are allocated
+empty (pages are only touched as they are filled), each dense projection is copied into every
+bank and then released, so a layer's build holds its dense FFN plus about one projection's
+worth of experts, and the model never holds a second copy of its FFNs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -15,34 +18,39 @@ from ..models.surgery import DenseFFN, dense_ffn, layer_modules, replace_module
 from .moe import ExpertBank, MoEFFN
 from .partition import Partition
 
+# The dense FFN's tensors in the order they are copied (the down bias is added once, after the
+# experts are summed: it stays whole).
+PROJECTIONS = ("up", "up_bias", "gate", "gate_bias", "down")
 
-def expert_bank(ffn: DenseFFN, groups: list[list[int]], activation: str) -> ExpertBank:
-    """Stack the neuron groups of `ffn` into one bank, padding narrower groups with zeros."""
-    width = max(len(g) for g in groups)
-    bank = ExpertBank(
+
+def empty_bank(ffn: DenseFFN, groups: list[list[int]], activation: str) -> ExpertBank:
+    """A bank for the neuron groups of `ffn`, as wide as the widest, not yet filled."""
+    return ExpertBank(
         len(groups),
-        width,
+        max(len(g) for g in groups),
         ffn.hidden,
         activation,
         ffn.gate is not None,
         ffn.up_bias is not None,
         dtype=ffn.up.dtype,
+        fill=torch.empty,
     )
-    with torch.no_grad():
-        bank.mask.zero_()
-        for e, ids in enumerate(groups):
-            index = torch.tensor(ids, dtype=torch.long)
-            n = len(ids)
-            bank.up[e, :n] = ffn.up.index_select(0, index)
-            bank.down[e, :, :n] = ffn.down.index_select(1, index)
-            bank.mask[e, :n] = 1
-            if bank.gate is not None:
-                bank.gate[e, :n] = ffn.gate.index_select(0, index)
-            if bank.up_bias is not None:
-                bank.up_bias[e, :n] = ffn.up_bias.index_select(0, index)
-            if bank.gate_bias is not None:
-                bank.gate_bias[e, :n] = ffn.gate_bias.index_select(0, index)
-    return bank
+
+
+@torch.no_grad()
+def fill_bank(bank: ExpertBank, role: str, source: Tensor, groups: list[list[int]]) -> None:
+    """Copy each group's slice of one dense tensor into the bank, zeroing the padding."""
+    target = getattr(bank, role)
+    neurons = 1 if role == "down" else 0  # down is [H, I]; the others have neurons first
+    for e, ids in enumerate(groups):
+        n = len(ids)
+        rows = source.index_select(neurons, torch.tensor(ids, dtype=torch.long))
+        if neurons:
+            target[e, :, :n] = rows
+            target[e, :, n:] = 0
+        else:
+            target[e, :n] = rows
+            target[e, n:] = 0
 
 
 def moe_from_dense(
@@ -52,11 +60,28 @@ def moe_from_dense(
     router: nn.Module | None,
     combine: str,
     index: int,
+    release: Callable[[str], None] = lambda role: None,
 ) -> MoEFFN:
-    shared = expert_bank(ffn, [partition.shared], activation) if partition.shared else None
+    """The MoE layer of `ffn` split by `partition`. `release(role)` is called once each of its
+    PROJECTIONS is copied, for the caller to drop its references to that tensor."""
+    banks = [(empty_bank(ffn, partition.experts, activation), partition.experts)]
+    if partition.shared:
+        banks.insert(0, (empty_bank(ffn, [partition.shared], activation), [partition.shared]))
+    for role in PROJECTIONS:
+        source = getattr(ffn, role)
+        if source is None:
+            continue
+        for bank, groups in banks:
+            fill_bank(bank, role, source, groups)
+        del source
+        release(role)
+    for bank, groups in banks:
+        bank.mask.zero_()
+        for e, ids in enumerate(groups):
+            bank.mask[e, : len(ids)] = 1
     down_bias: Tensor | None = None if ffn.down_bias is None else ffn.down_bias.clone()
-    experts = expert_bank(ffn, partition.experts, activation)
-    return MoEFFN(experts, shared, down_bias, router, combine, index)
+    shared = banks[0][0] if partition.shared else None
+    return MoEFFN(banks[-1][0], shared, down_bias, router, combine, index)
 
 
 def activation_of(model: nn.Module, family: Family) -> str:
@@ -92,10 +117,17 @@ def convert_layer(
     combine: str,
     activation: str,
 ) -> MoEFFN:
-    """Replace one layer's FFN by an MoE layer (without a router); returns it."""
-    moe = moe_from_dense(
-        dense_ffn(layer, family, index), partition, activation, None, combine, index
-    )
+    """Replace one layer's FFN by an MoE layer (without a router); returns it. The dense
+    projections are released as they are copied."""
+
+    ffn = dense_ffn(layer, family, index)
+
+    def release(role: str) -> None:
+        setattr(ffn, role, None)
+        module = layer.get_submodule(getattr(family, role.removesuffix("_bias")))
+        setattr(module, "bias" if role.endswith("_bias") else "weight", None)
+
+    moe = moe_from_dense(ffn, partition, activation, None, combine, index, release)
     replace_module(layer, family.ffn, moe)
     for path in family.identity:
         replace_module(layer, path, nn.Identity())

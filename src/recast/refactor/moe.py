@@ -43,17 +43,16 @@ class ExpertBank(nn.Module):
         gated: bool,
         up_bias: bool,
         dtype: torch.dtype = torch.float32,
+        fill=torch.zeros,  # torch.empty: the builder fills every element
     ):
         super().__init__()
         self.num, self.width, self.hidden, self.activation = num, width, hidden, activation
         self.act = ACT2FN[activation]
-        self.up = nn.Parameter(torch.zeros(num, width, hidden, dtype=dtype))
-        self.gate = nn.Parameter(torch.zeros(num, width, hidden, dtype=dtype)) if gated else None
-        self.down = nn.Parameter(torch.zeros(num, hidden, width, dtype=dtype))
-        self.up_bias = nn.Parameter(torch.zeros(num, width, dtype=dtype)) if up_bias else None
-        self.gate_bias = (
-            nn.Parameter(torch.zeros(num, width, dtype=dtype)) if up_bias and gated else None
-        )
+        self.up = nn.Parameter(fill(num, width, hidden, dtype=dtype))
+        self.gate = nn.Parameter(fill(num, width, hidden, dtype=dtype)) if gated else None
+        self.down = nn.Parameter(fill(num, hidden, width, dtype=dtype))
+        self.up_bias = nn.Parameter(fill(num, width, dtype=dtype)) if up_bias else None
+        self.gate_bias = nn.Parameter(fill(num, width, dtype=dtype)) if up_bias and gated else None
         self.register_buffer("mask", torch.ones(num, width, dtype=dtype))
 
     @property
