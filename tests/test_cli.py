@@ -360,3 +360,22 @@ print(sorted(m for m in ("torch", "transformers", "onnx", "pydantic") if m in sy
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_shard_size_and_device_flags_set_their_recipe_keys(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    args = ["convert", recipe, "--dry-run", "--shard-size", "2GB", "--device", "cpu"]
+    code, out, _ = run_cli(args, capsys)
+    resolved = yaml.safe_load(out)
+    assert code == 0
+    assert resolved["output"]["shard_size"] == "2GB" and resolved["stream"]["device"] == "cpu"
+    code, _, err = run_cli(["convert", recipe, "--dry-run", "--shard-size", "big"], capsys)
+    assert_one_line_error(code, err, "output.shard_size", "not a size")
+
+
+def test_streamed_convert_from_the_command_line(llama_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(llama_dir), stream__enabled=True)
+    code, out, _ = run_cli(["convert", recipe, "--out", tmp_path / "out", "--quiet"], capsys)
+    assert code == 0 and "saved to" in out and "perplexity ratio" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["metrics"]["streamed"]["layer_inputs"] == "moe"

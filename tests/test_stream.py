@@ -211,3 +211,20 @@ def test_streamed_safetensors_writes_read_back_byte_for_byte(tmp_path):
         assert torch.equal(
             safetensors.torch.load_file(str(tmp_path / "one.safetensors"))[name], tensor
         )
+
+
+def test_a_streamed_run_without_calibration_or_evaluation_needs_no_tokenizer(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path / "dense")  # weights only
+    settings = recipe(tmp_path / "dense")
+    settings["experts"]["strategy"] = "uniform"
+    settings["evaluate"] = {"enabled": False}
+    result = convert(settings, out=tmp_path / "moe", progress=False)
+    assert result.report.routing == {} and "perplexity_ratio" not in result.report.metrics
+    assert result.report.metrics["streamed"]["calibration_tokens"] == 0
+    ids = token_batch(2, 12)
+    torch.testing.assert_close(
+        logits(recast.load(tmp_path / "moe"), ids),
+        logits(dense_of(tmp_path / "dense", "gpt2"), ids),
+        atol=1e-5,
+        rtol=1e-5,
+    )

@@ -69,7 +69,8 @@ def partition_one(layer: nn.Module, index: int, family: Family, stats, recipe: R
     """One layer's partition by the recipe's strategy (`stats`: that layer's, or None)."""
     e = recipe.experts
     ffn = dense_ffn(layer, family, index)
-    rows = ffn.up if ffn.gate is None else torch.cat([ffn.up, ffn.gate], dim=1)
+    weights = e.needs_weights and ffn.gate is not None
+    rows = torch.cat([ffn.up, ffn.gate], dim=1) if weights else ffn.up
     return partition_layer(
         e.strategy,
         LayerInput(index, rows, stats),

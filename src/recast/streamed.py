@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from . import data
 from .atomic import atomic_directory, write_errors
 from .errors import ModelLoadError, RecipeError
-from .evaluate import embedding_metrics, lm_metrics
-from .evaluate.metrics import embeddings_of, lm_outputs_of
+from .evaluate import embedding_metrics
+from .evaluate.metrics import LMComparison, embeddings_of, lm_outputs_of
 from .evaluate.params import ParamCount, moe_layer_count, total_count
 from .formats import FORMATS
 from .formats.recast import write_config
@@ -150,6 +150,7 @@ class StreamedConversion:
         self.device = _device(recipe.stream.device)
         self.activation = activation_of(self.lazy.model, self.family)
         self.seconds: dict[str, float] = {}
+        self.peak_stage = "load"
         self.work = StreamWork(target.parent / f".{target.name}.stream", self._fingerprint())
 
     def _fingerprint(self) -> str:
@@ -295,9 +296,12 @@ class StreamedConversion:
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+        """Time the stage, and note it if the process's peak memory rose during it."""
+        started, peak = time.perf_counter(), peak_rss_mb()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        if peak_rss_mb() > peak:
+            self.peak_stage = name
 
     def _run(self, layer: nn.Module, index: int, stream: str, b: int, batch: Batch) -> Tensor:
         """Layer `index`'s output for batch `b` of `stream` (its input read from the cache)."""
@@ -310,6 +314,7 @@ class StreamedConversion:
         """(FFN inputs, oracle masses) per router batch: `router.batch_size` sequences of the
         pooled calibration sequences, as whole-model router training batches them."""
         rows = torch.cat(ffn_inputs)
+        ffn_inputs.clear()  # (the batches' rows now live in `rows` only)
         lengths = [int(n) for batch in streams.calibration for n in batch.mask.sum(1).tolist()]
         size = self.recipe.router.batch_size
         batches, start = [], 0
@@ -374,6 +379,7 @@ class StreamedConversion:
                 self._write_output(staging, layers, partition)
             metrics["conversion_seconds"] = time.perf_counter() - run_started
             metrics["peak_rss_mb"] = peak_rss_mb()
+            metrics["peak_rss_stage"] = self.peak_stage  # the last stage that raised the peak
             metrics["stage_seconds"] = {k: round(v, 2) for k, v in self.seconds.items()}
             metrics["streamed"] = {
                 "layer_inputs": recipe.stream.layer_inputs,
@@ -394,30 +400,34 @@ class StreamedConversion:
         metrics = count.metrics(self.lazy.dense_params)
         if not streams.evaluation:
             return metrics
-        n = len(self.lazy.layers)
         with self._stage("evaluate"), self.lazy.outer_modules(CPU, torch.float32, "output"):
-            outputs = {
-                stream: self._final(stream, n, streams.evaluation) for stream in ("dense", "moe")
-            }
-        if self.family.causal_lm:
-            return {**lm_metrics(outputs["dense"], outputs["moe"]), **metrics}
-        return {**embedding_metrics(outputs["dense"], outputs["moe"]), **metrics}
+            return {**self._fidelity(streams.evaluation), **metrics}
 
-    def _final(self, stream: str, n: int, batches: list[Batch]):
-        def finals():
-            for b, batch in enumerate(batches):
-                final = self.work.get(n, stream, b)
-                out = self.lazy.final_outputs(batch.ids, batch.mask, final)
-                yield (
-                    (batch.ids, batch.mask, out.logits)
-                    if self.family.causal_lm
-                    else (
-                        batch.mask,
-                        out.last_hidden_state,
-                    )
+    def _fidelity(self, batches: list[Batch]) -> dict:
+        """The dense and MoE models compared on the evaluation batches' final hidden states,
+        run through the model's head (causal LMs: one batch of log-probabilities at a time)."""
+        n = len(self.lazy.layers)
+
+        def outputs(stream: str, b: int, batch: Batch):
+            return self.lazy.final_outputs(batch.ids, batch.mask, self.work.get(n, stream, b))
+
+        if not self.family.causal_lm:
+            pooled = {
+                stream: embeddings_of(
+                    (batch.mask, outputs(stream, b, batch).last_hidden_state)
+                    for b, batch in enumerate(batches)
                 )
-
-        return lm_outputs_of(finals()) if self.family.causal_lm else embeddings_of(finals())
+                for stream in ("dense", "moe")
+            }
+            return embedding_metrics(pooled["dense"], pooled["moe"])
+        comparison = LMComparison()
+        for b, batch in enumerate(batches):
+            dense, moe = (
+                lm_outputs_of([(batch.ids, batch.mask, outputs(stream, b, batch).logits)])
+                for stream in ("dense", "moe")
+            )
+            comparison.add(dense, moe)
+        return comparison.result()
 
     def _routing(self, layers: list[dict]) -> dict:
         e = self.recipe.experts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -50,18 +51,41 @@ def perplexity(out: LMOutputs) -> float:
     return float(torch.exp(nll))
 
 
+class LMComparison:
+    """The dense and MoE models' next-token outputs compared, added batch by batch (so that
+    the log-probabilities of every evaluation token need not be held at once)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.dense_nll = self.moe_nll = self.kl = self.agree = 0.0
+
+    def add(self, dense: LMOutputs, moe: LMOutputs) -> None:
+        """One batch's outputs of both models (the same tokens)."""
+        target = dense.targets[:, None]
+        self.tokens += int(dense.targets.numel())
+        self.dense_nll -= float(dense.log_probs.gather(1, target).double().sum())
+        self.moe_nll -= float(moe.log_probs.gather(1, target).double().sum())
+        kl = dense.log_probs.exp() * (dense.log_probs - moe.log_probs)
+        self.kl += float(kl.sum(-1).double().sum())
+        self.agree += float((dense.log_probs.argmax(-1) == moe.log_probs.argmax(-1)).sum())
+
+    def result(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        dense_ppl, moe_ppl = math.exp(self.dense_nll / n), math.exp(self.moe_nll / n)
+        return {
+            "dense_perplexity": dense_ppl,
+            "moe_perplexity": moe_ppl,
+            "perplexity_ratio": moe_ppl / dense_ppl,
+            "top1_agreement": self.agree / n,
+            "mean_kl": self.kl / n,
+            "eval_tokens": self.tokens,
+        }
+
+
 def lm_metrics(dense: LMOutputs, moe: LMOutputs) -> dict[str, float]:
-    dense_ppl, moe_ppl = perplexity(dense), perplexity(moe)
-    kl = (dense.log_probs.exp() * (dense.log_probs - moe.log_probs)).sum(-1).mean()
-    agreement = (dense.log_probs.argmax(-1) == moe.log_probs.argmax(-1)).float().mean()
-    return {
-        "dense_perplexity": dense_ppl,
-        "moe_perplexity": moe_ppl,
-        "perplexity_ratio": moe_ppl / dense_ppl,
-        "top1_agreement": float(agreement),
-        "mean_kl": float(kl),
-        "eval_tokens": int(dense.targets.numel()),
-    }
+    comparison = LMComparison()
+    comparison.add(dense, moe)
+    return comparison.result()
 
 
 @torch.no_grad()

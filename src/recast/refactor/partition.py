@@ -98,7 +98,9 @@ class LayerInput:
     """What a strategy sees of one layer: its dense up-projection rows and calibration stats."""
 
     index: int
-    up_rows: Tensor  # [I, H]; for SwiGLU the gate rows are concatenated ([I, 2H])
+    # [I, H]; for SwiGLU the gate rows are concatenated ([I, 2H]) when the strategy reads the
+    # rows (`needs_weights`), which costs a copy of both
+    up_rows: Tensor
     stats: LayerStats | None
 
 
@@ -113,6 +115,8 @@ class Strategy:
     needs_stats: bool
     # Given its options, does the strategy read the reservoir of token activation rows?
     needs_reservoir: Callable[[StrategyOptions], bool] = lambda options: False
+    # ... or the weight rows (up and gate concatenated; else `up_rows` is only `up`)?
+    needs_weights: Callable[[StrategyOptions], bool] = lambda options: False
 
 
 STRATEGIES: Registry[Strategy] = Registry("partition strategy")
@@ -123,9 +127,11 @@ def strategy(
     options: type[StrategyOptions] = StrategyOptions,
     needs_stats: bool = True,
     needs_reservoir: Callable[[StrategyOptions], bool] = lambda options: False,
+    needs_weights: Callable[[StrategyOptions], bool] = lambda options: False,
 ):
     def add(fn):
-        STRATEGIES.register(name)(Strategy(fn, options, needs_stats, needs_reservoir))
+        chosen = Strategy(fn, options, needs_stats, needs_reservoir, needs_weights)
+        STRATEGIES.register(name)(chosen)
         return fn
 
     return add
@@ -177,6 +183,10 @@ class ExpertsSpec(Section):
     @property
     def needs_reservoir(self) -> bool:
         return STRATEGIES.get(self.strategy).needs_reservoir(self.strategy_options)
+
+    @property
+    def needs_weights(self) -> bool:
+        return STRATEGIES.get(self.strategy).needs_weights(self.strategy_options)
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -291,7 +301,10 @@ def balanced_kmeans(points: Tensor, sizes: list[int], seed: int, iterations: int
 
 
 @strategy(
-    "cluster", ClusterOptions, needs_reservoir=lambda o: o.features == "activations" or o.align
+    "cluster",
+    ClusterOptions,
+    needs_reservoir=lambda o: o.features == "activations" or o.align,
+    needs_weights=lambda o: o.features == "weights",
 )
 def cluster(layer: LayerInput, count: int, n_shared: int, seed: int, opts: ClusterOptions):
     """Balanced k-means over neuron activation profiles or weight rows; shared = most active."""
