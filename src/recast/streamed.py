@@ -405,7 +405,8 @@ class StreamedConversion:
 
     def _fidelity(self, batches: list[Batch]) -> dict:
         """The dense and MoE models compared on the evaluation batches' final hidden states,
-        run through the model's head (causal LMs: one batch of log-probabilities at a time)."""
+        run through the model's head (causal LMs: one sequence's log-probabilities at a time,
+        the vocabulary-wide tensors being the largest of the whole conversion)."""
         n = len(self.lazy.layers)
 
         def outputs(stream: str, b: int, batch: Batch):
@@ -422,11 +423,22 @@ class StreamedConversion:
             return embedding_metrics(pooled["dense"], pooled["moe"])
         comparison = LMComparison()
         for b, batch in enumerate(batches):
-            dense, moe = (
-                lm_outputs_of([(batch.ids, batch.mask, outputs(stream, b, batch).logits)])
-                for stream in ("dense", "moe")
-            )
-            comparison.add(dense, moe)
+            finals = {stream: self.work.get(n, stream, b) for stream in ("dense", "moe")}
+            for row in range(batch.ids.shape[0]):  # one sequence's [T, vocab] at a time
+                ids, mask = batch.ids[row : row + 1], batch.mask[row : row + 1]
+                dense, moe = (
+                    lm_outputs_of(
+                        [
+                            (
+                                ids,
+                                mask,
+                                self.lazy.final_outputs(ids, mask, final[row : row + 1]).logits,
+                            )
+                        ]
+                    )
+                    for final in finals.values()
+                )
+                comparison.add(dense, moe)
         return comparison.result()
 
     def _routing(self, layers: list[dict]) -> dict:
