@@ -299,15 +299,14 @@ def convert(
             check_output(bundle, overwrite, (*inputs, target))
     data.check_sources(recipe.text_sources)  # before loading: unused sources are checked too
     share_errors(None)  # the main process's refusal stops the others before their work, too
-    if save and streamed.wanted(recipe, resolve_source(recipe.model)):
+    source = resolve_source(recipe.model)
+    if save and streamed.wanted(recipe, source):
         if distributed_state().num_processes > 1:
             raise RecipeError(
                 "a streamed conversion runs in one process; launch it without a launcher "
                 "(or set stream.enabled: false)"
             )
-        conversion = streamed.StreamedConversion(
-            recipe, resolve_source(recipe.model), target, progress
-        )
+        conversion = streamed.StreamedConversion(recipe, source, target, progress)
         report, partition = conversion.run(resume, overwrite, inputs, on_layer_end)
         return ConversionResult(None, partition, report, recipe, target, conversion.dense.tokenizer)
     started = time.perf_counter()

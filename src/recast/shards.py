@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,7 +221,3 @@ class Checkpoint:
             return handle.get_tensor(name)
         except (OSError, safetensors.SafetensorError) as exc:
             raise ModelLoadError(f"cannot read tensor {name} from {stored.path}: {exc}") from exc
-
-    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in names:
-            yield name, self.get(name)

@@ -138,7 +138,7 @@ class StreamedConversion:
 
     def __init__(self, recipe: Recipe, source: str, target: Path, progress: bool):
         self.recipe, self.target, self.progress = recipe, target, progress
-        _, config = read_config(recipe.model)
+        _, config = read_config(source)  # (source: the resolved local directory)
         self.family = family_for(config.model_type)
         check_weight_files(Path(source), trust_pickle=False)
         self.checkpoint = Checkpoint(Path(source))

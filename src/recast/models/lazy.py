@@ -42,14 +42,15 @@ class _Recorded(Exception):
 
 
 class _Recorder(nn.Module):
-    def __init__(self, calls: list[LayerCall], inputs: list[Tensor], last: bool):
+    """Stands for a layer: passes its input through, adding (input, call) to `calls`, which
+    every layer's recorder shares, so it fills in layer order."""
+
+    def __init__(self, calls: list[tuple[Tensor, LayerCall]], last: bool):
         super().__init__()
-        self.calls, self.inputs, self.last = calls, inputs, last
+        self.calls, self.last = calls, last
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        if not self.calls:
-            self.inputs.append(hidden_states)
-        self.calls.append(LayerCall(args, kwargs))
+        self.calls.append((hidden_states, LayerCall(args, kwargs)))
         if self.last:
             raise _Recorded
         return hidden_states
@@ -81,6 +82,8 @@ class LazyModel:
         self.layers = layer_modules(self.model, family)
         self.layer_prefix = next(n for n, m in self.model.named_modules() if m is self.layers) + "."
         self._names = self._checkpoint_names()
+        # the tensors outside the layers (embeddings, final norm, head), in checkpoint order
+        self.outer_names = [n for n in self._names if not n.startswith(self.layer_prefix)]
         in_layers = sum(p.numel() for p in self.layers.parameters())
         self.dense_params = sum(p.numel() for p in self.model.parameters())
         self.outer_params = self.dense_params - in_layers
@@ -116,11 +119,6 @@ class LazyModel:
         prefix = f"{self.layer_prefix}{index}."
         return [n for n in self._names if n.startswith(prefix)]
 
-    @property
-    def outer_names(self) -> list[str]:
-        """The tensors outside the layers (embeddings, final norm, head), in checkpoint order."""
-        return [n for n in self._names if not n.startswith(self.layer_prefix)]
-
     def stored(self, name: str):
         """Where tensor `name` lies in the checkpoint (to copy it through byte for byte)."""
         return self.checkpoint.stored[self._names[name]]
@@ -141,7 +139,7 @@ class LazyModel:
                     f"tensor {name} of {self.checkpoint.directory} does not fit the model its "
                     f"config.json describes ({exc})"
                 ) from exc
-        if any(n in self.outer_names for n in names):
+        if not set(names).isdisjoint(self.outer_names):
             self.model.tie_weights()
 
     @staticmethod
@@ -188,22 +186,20 @@ class LazyModel:
     def record_layer_calls(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[LayerCall]]:
         """(layer 0's input hidden states, each layer's other arguments) for one batch; the
         outer modules must be loaded."""
-        calls: list[list[LayerCall]] = [[] for _ in self.layers]
-        inputs: list[Tensor] = []
+        calls: list[tuple[Tensor, LayerCall]] = []
         n = len(self.layers)
-        recorders = [_Recorder(calls[i], inputs, i == n - 1) for i in range(n)]
-        with self._layers_replaced(recorders):
+        with self._layers_replaced([_Recorder(calls, i == n - 1) for i in range(n)]):
             try:
                 self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _Recorded:
                 pass
-        return inputs[0], [c[0] for c in calls]
+        return calls[0][0], [call for _, call in calls]
 
     @torch.no_grad()
     def final_outputs(self, ids: Tensor, mask: Tensor, final: Tensor):
         """The model's outputs for a batch whose last layer produced `final`."""
         n = len(self.layers)
-        passes = [_Recorder([], [], False) for _ in range(n - 1)] + [_Replay(final)]
+        passes = [_Recorder([], False) for _ in range(n - 1)] + [_Replay(final)]
         # zeros in place of the embeddings, which are not loaded: the last layer replaces them
         embeds = torch.zeros(*ids.shape, self.model.config.hidden_size)
         with self._layers_replaced(passes):
