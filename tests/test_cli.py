@@ -378,4 +378,4 @@ def test_streamed_convert_from_the_command_line(llama_dir, tmp_path, capsys):
     code, out, _ = run_cli(["convert", recipe, "--out", tmp_path / "out", "--quiet"], capsys)
     assert code == 0 and "saved to" in out and "perplexity ratio" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["metrics"]["streamed"]["layer_inputs"] == "moe"
+    assert report["metrics"]["streamed"]["layer_inputs"] == "dense"

@@ -8,8 +8,10 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import recast
@@ -48,6 +50,15 @@ def accelerate_launch() -> list[str]:
     ]
 
 
+def accelerate_fsdp() -> list[str]:
+    # the shipped config: FSDP2, one unit per transformer block
+    config = Path(__file__).resolve().parent.parent / "recipes" / "accelerate" / "fsdp.yaml"
+    return [
+        *("-m", "accelerate.commands.launch", "--config_file", str(config)),
+        *("--num_processes", "2", "--main_process_port", str(free_port())),
+    ]
+
+
 def launch(launcher, recipe, out, env, program=("-m", "recast")) -> subprocess.CompletedProcess:
     convert = [*program, "convert", str(recipe), "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **env}
@@ -70,8 +81,9 @@ def assert_every_process_exits_2_with_one_line(result, fragment: str) -> None:
         # no GPU visible: recast asks accelerate for the CPU backend itself
         (torchrun, {"CUDA_VISIBLE_DEVICES": ""}),
         (accelerate_launch, {"ACCELERATE_USE_CPU": "1"}),
+        (accelerate_fsdp, {"ACCELERATE_USE_CPU": "1"}),
     ],
-    ids=["torchrun", "accelerate"],
+    ids=["torchrun", "accelerate", "fsdp"],
 )
 def test_two_processes_train_together_and_write_once(launcher, env, recipe, tmp_path):
     result = launch(launcher(), recipe, tmp_path / "out", env)
@@ -81,9 +93,29 @@ def test_two_processes_train_together_and_write_once(launcher, env, recipe, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or checkpoints left
     recovery = json.loads((tmp_path / "out" / "report.json").read_text())["recovery"]
     assert recovery["processes"] == 2  # so each process trained on its own half of the batches
+    assert recovery["distribution"] == ("fsdp" if launcher is accelerate_fsdp else "ddp")
     # ... and yet both ended with the weights that were written: the gradients were averaged.
     saved = weights_digest(recast.load(tmp_path / "out"))
     assert recovery["weights_sha256"] == [saved, saved]
+
+
+@pytest.mark.parametrize("lora", [0, 4], ids=["full-weights", "lora"])
+def test_fsdp_shards_train_what_replicas_train(tmp_path, lora):
+    # the same rounds, sharded (FSDP) or replicated (DDP): the same weights to float rounding
+    checkpoint = save_checkpoint("llama", tmp_path / "dense")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_for(checkpoint, steps=4, rounds=2, lora={"rank": lora})))
+    env = {"ACCELERATE_USE_CPU": "1"}
+    for launcher in (accelerate_launch, accelerate_fsdp):
+        result = launch(launcher(), path, tmp_path / launcher.__name__, env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    replicated = recast.load(tmp_path / "accelerate_launch").state_dict()
+    sharded = recast.load(tmp_path / "accelerate_fsdp").state_dict()
+    assert replicated.keys() == sharded.keys()
+    for name, tensor in replicated.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    report = json.loads((tmp_path / "accelerate_fsdp" / "report.json").read_text())
+    assert report["recovery"]["lora_rank"] == lora
 
 
 def test_refusal_ends_every_process_with_one_line(recipe, tmp_path):

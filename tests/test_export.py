@@ -169,6 +169,23 @@ def test_parity_failure_writes_no_bundle(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no staging left behind
 
 
+def test_big_models_parity_gate_stops_adding_coverage_batches(tmp_path, monkeypatch):
+    from recast.export import parity
+
+    model = make_model("llama", "layer")
+
+    def parity_record(out):
+        return json.loads((recast.export(model, out) / "manifest.json").read_text())["parity"]
+
+    monkeypatch.setattr(parity, "SHAPES", [(1, 1)])  # one token: some experts left unchosen
+    free = parity_record(tmp_path / "free")
+    monkeypatch.setattr(parity, "COVERAGE_FLOPS", 0)  # as if the model were very big
+    bounded = parity_record(tmp_path / "bounded")
+    assert bounded["tokens"] == 1 < free["tokens"]  # coverage batches ran only when free
+    assert len(bounded["cases"]) == 1 + 4  # + the cached steps
+    assert (free["coverage_bounded"], bounded["coverage_bounded"]) == (False, True)
+
+
 def test_existing_bundle_needs_overwrite(bundles, tmp_path):
     out = tmp_path / "b"
     out.mkdir()

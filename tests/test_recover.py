@@ -72,6 +72,19 @@ def test_lora_recovery_merges_into_the_experts(tokenizer):
         assert torch.all(layer.experts.up[layer.experts.mask == 0] == 0)
 
 
+def test_lora_is_the_default_only_above_a_size(monkeypatch):
+    from recast import recover as recovery
+
+    model = tiny_model("llama")
+    assert recovery.lora_rank(recovery.LoraSpec(), model) == 0  # small: the full weights
+    assert recovery.lora_rank(recovery.LoraSpec(rank=4), model) == 4
+    monkeypatch.setattr(
+        recovery, "LORA_ABOVE_PARAMS", sum(p.numel() for p in model.parameters()) - 1
+    )
+    assert recovery.lora_rank(recovery.LoraSpec(), model) == recovery.AUTO_LORA_RANK
+    assert recovery.lora_rank(recovery.LoraSpec(rank=0), model) == 0  # asked for: kept
+
+
 def recipe_for(checkpoint, **recover):
     return {
         "name": "resume",

@@ -43,7 +43,7 @@ def dense_of(directory, family):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
 def test_streamed_moe_with_every_expert_equals_the_dense_model(tmp_path, family):
     checkpoint = save_checkpoint(family, tmp_path / "dense")
-    result = convert(recipe(checkpoint), out=tmp_path / "moe", progress=False)
+    result = convert(recipe(checkpoint, layer_inputs="moe"), out=tmp_path / "moe", progress=False)
     assert result.model is None and result.report.metrics["streamed"]["layer_inputs"] == "moe"
     moe = recast.load(tmp_path / "moe")
     ids = token_batch(2, 12)
@@ -74,9 +74,7 @@ def test_bf16_checkpoints_stay_bf16_and_exact_at_bf16_tolerance(tmp_path):
 
 def test_dense_layer_inputs_reproduce_the_whole_model_conversion(tmp_path):
     checkpoint = save_checkpoint("llama", tmp_path / "dense")
-    streamed = convert(
-        recipe(checkpoint, "layer", layer_inputs="dense"), out=tmp_path / "s", progress=False
-    )
+    streamed = convert(recipe(checkpoint, "layer"), out=tmp_path / "s", progress=False)  # default
     whole = convert(recipe(checkpoint, "layer", enabled=False), out=tmp_path / "w", progress=False)
     assert streamed.partition.to_json() == whole.partition.to_json()
     for key in ("perplexity_ratio", "params_total", "params_active", "dense_params"):
@@ -89,7 +87,9 @@ def test_dense_layer_inputs_reproduce_the_whole_model_conversion(tmp_path):
 
 def test_moe_layer_inputs_calibrate_on_what_the_converted_layers_feed(tmp_path):
     checkpoint = save_checkpoint("llama", tmp_path / "dense")
-    moe = convert(recipe(checkpoint, "layer"), out=tmp_path / "m", progress=False)
+    moe = convert(
+        recipe(checkpoint, "layer", layer_inputs="moe"), out=tmp_path / "m", progress=False
+    )
     dense = convert(
         recipe(checkpoint, "layer", layer_inputs="dense"), out=tmp_path / "d", progress=False
     )
@@ -191,6 +191,22 @@ def test_a_checkpoint_missing_a_tensor_or_holding_nan_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="up_proj.weight .* holds NaN"):
         convert(recipe(checkpoint), out=tmp_path / "moe", progress=False)
     assert not (tmp_path / "moe").exists()
+
+
+def test_stale_buffers_are_dropped_as_transformers_drops_them_and_unknown_tensors_refused(
+    tmp_path,
+):
+    # MiniLM's checkpoint holds embeddings.position_ids, a buffer BERT no longer saves
+    checkpoint = save_checkpoint("bert", tmp_path / "dense")
+    state = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
+    prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+    state[f"{prefix}embeddings.position_ids"] = torch.arange(64)[None]
+    safetensors.torch.save_file(state, str(checkpoint / "model.safetensors"))
+    convert(recipe(checkpoint), out=tmp_path / "moe", progress=False)
+    state["encoder.extra.weight"] = torch.zeros(2)
+    safetensors.torch.save_file(state, str(checkpoint / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="unknown tensor encoder.extra.weight"):
+        convert(recipe(checkpoint), out=tmp_path / "moe2", progress=False)
 
 
 def test_streamed_safetensors_writes_read_back_byte_for_byte(tmp_path):

@@ -90,6 +90,35 @@ def errors_shared() -> Iterator[None]:
         share_errors(None)
 
 
+def fsdp_requested(processes: int) -> bool:
+    """Whether the launch asked for FSDP (`accelerate launch` with an FSDP config sets
+    ACCELERATE_USE_FSDP) and there is more than one process to shard over."""
+    return processes > 1 and parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def fully_sharded(model: nn.Module) -> nn.Module:
+    """`model`, sharded in place over the processes with torch's FSDP2 (`fully_shard`): one unit
+    per transformer block (transformers' `_no_split_modules`, as accelerate's
+    TRANSFORMER_BASED_WRAP does), then the rest. Accelerate shards only on accelerators; this
+    works on the CPU (gloo) as well, which is where recast's tests run it."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def gather_trained(sharded: nn.Module, full: nn.Module) -> None:
+    """Copy the trainable parameters of a `fully_sharded` copy into the unsharded `full`: every
+    process gathers every tensor, so every process ends with the same weights."""
+    for name, param in sharded.named_parameters():
+        if param.requires_grad:
+            full.get_parameter(name).data.copy_(param.full_tensor())
+
+
 def weights_digest(model: nn.Module) -> str:
     """sha256 of the model's saved tensors: equal digests are bitwise equal weights."""
     digest = hashlib.sha256()

@@ -15,11 +15,13 @@ same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 import peft
 import safetensors.torch
@@ -32,7 +34,14 @@ from tqdm.auto import tqdm
 
 from .atomic import write_errors
 from .data import padded_batches
-from .distributed import distributed_state, share_errors, weights_digest
+from .distributed import (
+    distributed_state,
+    fsdp_requested,
+    fully_sharded,
+    gather_trained,
+    share_errors,
+    weights_digest,
+)
 from .errors import RecastError, ResumeError
 from .refactor.moe import moe_layers
 from .routers.train import RouterSpec, train_routers, trainable_parameters
@@ -43,10 +52,18 @@ class RecoverError(RecastError):
     """Recovery cannot run as configured."""
 
 
+# Above this many parameters expert rounds train LoRA adapters unless told otherwise: the full
+# expert weights' gradients and AdamW state (three fp32 copies of most of the model) would not
+# fit beside the student and the teacher.
+LORA_ABOVE_PARAMS = 1_000_000_000
+AUTO_LORA_RANK = 16
+
+
 class LoraSpec(Section):
     """LoRA on the stacked expert tensors during expert rounds (merged back at the end)."""
 
-    rank: int = Field(0, ge=0)  # 0: train the experts' full weights
+    # 0: train the experts' full weights; auto: 0 up to LORA_ABOVE_PARAMS, AUTO_LORA_RANK above
+    rank: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
     alpha: float = Field(16.0, gt=0)
 
 
@@ -67,6 +84,14 @@ class RecoverSpec(Section):
     load_balance: float = Field(0.01, ge=0)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     distill: DistillSpec = Field(default_factory=DistillSpec)
+
+
+def lora_rank(lora: LoraSpec, model: nn.Module) -> int:
+    """The adapters' rank `lora` means for `model` (0: no adapters)."""
+    if lora.rank != "auto":
+        return lora.rank
+    params = sum(p.numel() for p in model.parameters())
+    return AUTO_LORA_RANK if params > LORA_ABOVE_PARAMS else 0
 
 
 def round_plan(rounds: int, router_trainable: bool) -> list[str]:
@@ -224,9 +249,14 @@ def expert_round(
     if not settings.lora.rank:
         for p in expert_parameters(student):
             p.requires_grad_(True)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    wrapped, optimizer = accelerator.prepare(trained, optimizer)
+    sharded = fsdp_requested(accelerator.num_processes)
+    if sharded:
+        # sharding turns the parameters into DTensors in place: a copy is sharded and trained,
+        # and its weights are gathered back into `trained` when the round ends
+        wrapped = fully_sharded(copy.deepcopy(trained))
+        optimizer = _optimizer(wrapped, lr)
+    else:
+        wrapped, optimizer = accelerator.prepare(trained, _optimizer(trained, lr))
     batches = _batches(
         sequences,
         settings.batch_size,
@@ -253,9 +283,10 @@ def expert_round(
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    unwrapped = accelerator.unwrap_model(wrapped)
+    if sharded:
+        gather_trained(wrapped, trained)
     if settings.lora.rank:
-        unwrapped.merge_and_unload()
+        trained.merge_and_unload()
     for moe in moe_layers(student):
         moe.bank.zero_padding()
         if moe.shared is not None:
@@ -263,6 +294,11 @@ def expert_round(
     student.eval()
     accelerator.free_memory()
     return losses
+
+
+def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def recover(
@@ -295,12 +331,23 @@ def recover(
     )
     student.to(accelerator.device)
     teacher.to(accelerator.device)
+    rank = lora_rank(settings.lora, student)
+    settings = settings.model_copy(update={"lora": settings.lora.model_copy(update={"rank": rank})})
     router_trainable = any(m.router.trainable for m in moe_layers(student))
     plan = round_plan(settings.rounds, router_trainable and router.steps > 0)
     done = checkpoints.completed() if resume else 0
     if done:
         checkpoints.load(student, done)
-    log = {"rounds": [], "resumed_after": done, "processes": accelerator.num_processes}
+    log = {
+        "rounds": [],
+        "resumed_after": done,
+        "processes": accelerator.num_processes,
+        # expert rounds: "fsdp" (sharded), "ddp" (replicated, gradients averaged) or "none"
+        "distribution": "fsdp"
+        if fsdp_requested(accelerator.num_processes)
+        else ("ddp" if accelerator.num_processes > 1 else "none"),
+        "lora_rank": rank,  # 0: the experts' full weights were trained
+    }
     # Training is the processes' first collective: an error one of them raised before it (say,
     # in calibration) ends every process here rather than leaving the others waiting in it.
     share_errors(None)

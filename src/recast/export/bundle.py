@@ -20,7 +20,7 @@ Graphs are standard ONNX unless quantized or lowered to onnxruntime's MoE kernel
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 
 import onnx
@@ -35,6 +35,7 @@ from ..runtime.experts import store_file
 from ..runtime.manifest import BUNDLE_FORMAT_VERSION, file_records, write_manifest
 from ..runtime.profile import measure_profile
 from ..runtime.session import Session
+from ..shards import write_file
 from ..version import __version__
 from .graphs import cache_shape, is_decoder, pregate_network, traceables
 from .lowerings import contrib_supports
@@ -64,11 +65,12 @@ def export_bundle(
     for moe in moe_layers(model):  # padded neurons: zero weights, so no mask is needed
         moe.bank.zero_padding()
     out = Path(out)
-    with (
-        atomic_directory(out, overwrite, inputs) as staging,
-        tempfile.TemporaryDirectory() as work,
-    ):
-        graphs = _write_graphs(model, staging, Path(work), spec, tokenizer)
+    with atomic_directory(out, overwrite, inputs) as staging:
+        # intermediate graphs (as big as the bundle) on the output's disk, not in /tmp
+        work = staging / ".work"
+        work.mkdir()
+        graphs = _write_graphs(model, staging, work, spec, tokenizer)
+        shutil.rmtree(work)
         if spec.offload:
             write_expert_store(model, staging)
         if tokenizer is not None:
@@ -87,29 +89,32 @@ def export_bundle(
 
 def write_expert_store(model: nn.Module, staging: Path) -> None:
     """Every routed expert's weights, one safetensors file per layer, in the layout
-    `recast.runtime.experts` reads (fc1 `[hidden, (2 x) width]`, fc2 `[width, hidden]`)."""
-    import safetensors.numpy
-
+    `recast.runtime.experts` reads (fc1 `[hidden, (2 x) width]`, fc2 `[width, hidden]`),
+    written a tensor at a time: at most one layer's SwiGLU fc1 is built at once."""
     for moe in moe_layers(model):
-        bank = moe.bank
-        tensors = {}
-        for expert in range(bank.num):
-            fc1 = (
-                bank.up[expert]
-                if bank.gate is None
-                else torch.cat([bank.gate[expert], bank.up[expert]])
-            )
-            tensors[f"{expert}.fc1"] = fc1.T
-            tensors[f"{expert}.fc2"] = bank.down[expert].T
-            if bank.up_bias is not None:
-                bias = bank.up_bias[expert]
-                if bank.gate_bias is not None:
-                    bias = torch.cat([bank.gate_bias[expert], bias])
-                tensors[f"{expert}.fc1_bias"] = bias
         path = staging / store_file(moe.layer_index)
         path.parent.mkdir(exist_ok=True)
-        arrays = {k: v.detach().float().contiguous().numpy() for k, v in tensors.items()}
-        safetensors.numpy.save_file(arrays, str(path))
+        write_file(path, _expert_tensors(moe.bank))
+
+
+def _expert_tensors(bank) -> list[tuple[str, torch.Tensor]]:
+    tensors = []
+    for expert in range(bank.num):
+        fc1 = (
+            bank.up[expert]
+            if bank.gate is None
+            else torch.cat([bank.gate[expert], bank.up[expert]])
+        )
+        tensors += [
+            (f"{expert}.fc1", fc1.detach().T),
+            (f"{expert}.fc2", bank.down[expert].detach().T),
+        ]
+        if bank.up_bias is not None:
+            bias = bank.up_bias[expert]
+            if bank.gate_bias is not None:
+                bias = torch.cat([bank.gate_bias[expert], bias])
+            tensors.append((f"{expert}.fc1_bias", bias.detach()))
+    return tensors
 
 
 def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:

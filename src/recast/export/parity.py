@@ -5,7 +5,10 @@ built-in text) are added until every expert of every MoE layer has been chosen b
 so no expert's graph goes unchecked. An expert that a per-layer gate never chooses on any of
 them is listed in the record (`experts_never_chosen`) rather than failing the export: no input
 reaches it through the model. (Pre-gating backbones take expert ids as inputs; their router
-spreads random tokens over every expert in practice.) Decoders are also checked step by step through the KV cache. The error of an output
+spreads random tokens over every expert in practice.) Big models get fewer coverage batches:
+they end once the cases have cost `COVERAGE_FLOPS` (`coverage_bounded` in the record), so an
+8B's gate takes minutes, not an hour. Decoders are also checked step by step through the KV
+cache. The error of an output
 is `max |bundle - torch| / max(1, max |torch|)` over attended positions; any output beyond its
 precision's tolerance fails the export with the output, the case and the error. Quantized
 bundles are measured by relative L2 error instead (see `_error`).
@@ -33,6 +36,10 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.5, "mixed": 0.5}
 QUANTIZED = ("int8", "mixed")
 SHAPES = [(1, 1), (1, 7), (3, 16), (4, 48)]  # (batch, length); one padded row in each batch > 1
 EXTRA_SHAPE, MAX_EXTRA = (8, 64), 6  # added while some expert is still unchosen
+# The coverage batches end once the cases have cost this many multiply-adds (2 x parameters
+# per token, torch and the bundle each): no limit below ~1B parameters, one or two batches
+# for an 8B, about two minutes on a 2-core CPU either way.
+COVERAGE_FLOPS = 2e13
 
 
 class ExpertUsage:
@@ -132,8 +139,12 @@ def check_parity(model: nn.Module, session: Session, tokenizer=None) -> dict:
     output = "logits" if session.kind == "decoder" else "last_hidden_state"
     coverage = ExpertUsage(model)
     cases = []
+    flops_per_token = 2 * sum(p.numel() for p in model.parameters())
+    tokens = 0
 
     def compare(ids, mask, what):
+        nonlocal tokens
+        tokens += ids.numel()
         out = model(input_ids=ids, attention_mask=mask)
         ref = getattr(out, output).float().numpy()
         got = session.forward(ids.numpy(), mask.numpy())[output]
@@ -150,15 +161,22 @@ def check_parity(model: nn.Module, session: Session, tokenizer=None) -> dict:
         for shape in SHAPES:
             ids, mask = _batch(shape, info["vocab_size"], info["max_positions"], generator)
             compare(ids, mask, f"batch {ids.shape[0]} x {ids.shape[1]} tokens")
+        bounded = False
         for ids, what in _coverage_batches(info, tokenizer, generator):
             if not coverage.missing:
+                break
+            if (tokens + ids.numel()) * flops_per_token > COVERAGE_FLOPS:
+                bounded = True
                 break
             compare(ids, torch.ones_like(ids), what)
         if coverage.missing:  # recorded: such experts cannot change these outputs either
             log.warning(
-                "the router never chose experts %s (layer, expert) on random tokens or built-in "
-                "text: their graphs are unchecked (recorded in the parity record)",
+                "the router never chose experts %s (layer, expert) on %s: their graphs are "
+                "unchecked (recorded in the parity record)",
                 coverage.missing[:8],
+                "the cases a model this size is given"
+                if bounded
+                else "random tokens or built-in text",
             )
         if session.kind == "decoder":
             cases += _check_cache(model, session, generator, tolerance, precision)
@@ -171,6 +189,8 @@ def check_parity(model: nn.Module, session: Session, tokenizer=None) -> dict:
         "metric": _metric(precision),
         "experts_exercised": coverage.fraction,
         "experts_never_chosen": [list(pair) for pair in coverage.missing],
+        "coverage_bounded": bounded,  # coverage batches ended by COVERAGE_FLOPS
+        "tokens": tokens,
         "max_error": max(c["error"] for c in cases),
         "cases": cases,
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
+import onnx_ir as ir
 
 # The domains of the ONNX standard ("ai.onnx" is the default domain's long name).
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -24,14 +25,14 @@ Runtime = Literal["onnx", "onnxruntime"]
 
 def save_graph(source: Path, target: Path) -> Path:
     """`source` as `target`, its weights in `target.data` beside it (tensors of 1 KiB and
-    more, as onnxruntime writes them)."""
-    model = onnx.load(str(source))
-    onnx.save(
-        model,
+    more, as onnxruntime writes them). The weights are copied one at a time from the memory
+    mapped source (onnx_ir), never all held at once: a graph of any size, well past
+    protobuf's 2 GB, takes no more memory than its largest tensor."""
+    ir.save(
+        ir.load(str(source)),
         str(target),
-        save_as_external_data=True,
-        location=target.name + ".data",
-        size_threshold=1024,
+        external_data=target.name + ".data",
+        size_threshold_bytes=1024,
     )
     return target
 

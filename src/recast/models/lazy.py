@@ -67,6 +67,19 @@ class _Replay(nn.Module):
         return self.final.to(hidden_states.dtype)
 
 
+def _ignored_on_load(model: nn.Module) -> set[str]:
+    """Patterns of stored tensors transformers' loader drops unread: the model's own, and the
+    buffers older checkpoints saved that models now keep out of their state (transformers'
+    `_adjust_missing_and_unexpected_keys`: MiniLM's checkpoint still has `position_ids`)."""
+    patterns = set(model._keys_to_ignore_on_load_unexpected or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return patterns
+
+
 class LazyModel:
     """The model of `config` with its tensors in `checkpoint`, loaded one module at a time."""
 
@@ -103,7 +116,7 @@ class LazyModel:
                     f"incomplete or not of the architecture its config.json names"
                 )
             names[name] = found
-        ignored = [re.compile(p) for p in self.model._keys_to_ignore_on_load_unexpected or ()]
+        ignored = [re.compile(p) for p in _ignored_on_load(self.model)]
         extra = sorted(
             n for n in stored - set(names.values()) if not any(p.search(n) for p in ignored)
         )

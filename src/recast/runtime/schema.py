@@ -107,6 +107,8 @@ class Parity(TypedDict):
     cases: list[dict]
     experts_exercised: NotRequired[float]  # model bundles
     experts_never_chosen: NotRequired[list[list[int]] | None]
+    coverage_bounded: NotRequired[bool]  # coverage batches ended by the gate's compute bound
+    tokens: NotRequired[Count]  # tokens the gate ran (cached steps aside)
     models: NotRequired[dict[str, float]]  # fused bundles: each model's largest error
 
 
