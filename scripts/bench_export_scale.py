@@ -50,6 +50,7 @@ import time, torch, transformers
 p = _bench.params()
 started = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained(p["checkpoint"], dtype=torch.float32).eval()
+model.config.use_cache = False  # logits only: a DynamicCache output does not export
 ids = torch.randint(4, 4000, (2, 16))
 batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
 program = torch.onnx.export(
@@ -61,6 +62,7 @@ _bench.emit({"seconds": time.perf_counter() - started, "peak_rss": _bench.peak_r
 """
 
 RESAVE = """
+import time
 from pathlib import Path
 p = _bench.params()
 source, target = Path(p["source"]), Path(p["target"])

@@ -39,11 +39,11 @@ from .evaluate import embedding_metrics
 from .evaluate.metrics import LMComparison, embeddings_of, lm_outputs_of
 from .evaluate.params import ParamCount, moe_layer_count, total_count
 from .formats import FORMATS
-from .formats.recast import write_config
+from .formats.base import ModelFiles
 from .models.families import family_for
 from .models.lazy import LayerCall, LazyModel, run_layer
 from .models.load import DenseModel, check_weight_files, read_config, tokenizer_for
-from .models.surgery import dense_ffn
+from .models.surgery import dense_ffn, tied_weights
 from .recipe import Recipe
 from .refactor.build import activation_of, convert_layer
 from .refactor.calibrate import ActivationStats, return_freed_memory_to_the_system
@@ -52,7 +52,7 @@ from .refactor.moe import MoEFFN
 from .refactor.partition import LayerAligner, ModelPartition, Partition
 from .routers import attach_routers
 from .routers.train import RoutingTally, train_layer_gate
-from .shards import Checkpoint, StoredTensor, read_header, shard_bytes, write_file, write_sharded
+from .shards import Checkpoint, read_header, shard_bytes, write_file
 from .stages import (
     calibration_sequences,
     needs_calibration,
@@ -82,8 +82,6 @@ def refusal(recipe: Recipe) -> str | None:
             f"router.kind {recipe.router.kind!r} is trained on every layer at once (streamed: "
             f"{', '.join(STREAMED_ROUTERS)})"
         )
-    if recipe.output.format != "recast":
-        return f"output.format {recipe.output.format} is written from the whole model"
     if recipe.export is not None:
         return "the recipe's export: section exports the whole model (export the output after)"
     return None
@@ -143,7 +141,8 @@ class StreamedConversion:
         check_weight_files(Path(source), trust_pickle=False)
         self.checkpoint = Checkpoint(Path(source))
         self.lazy = LazyModel(config, self.family, self.checkpoint)
-        FORMATS.get(recipe.output.format).check_family(self.family, config)
+        self.format = FORMATS.get(recipe.output.format)
+        self.format.check_family(self.family, config)
         tokenizer = tokenizer_for(source)
         self.dense = DenseModel(self.lazy.model, self.family, tokenizer, recipe.model)
         self.store_dtype = self.checkpoint.dtype()  # outputs keep the checkpoint's dtype
@@ -217,6 +216,7 @@ class StreamedConversion:
             moe = convert_layer(layer, index, family, partition, e.combine, self.activation)
             options = r.kind_options.model_dump()
             attach_routers(self.lazy.model, r.kind, e.top_k, e.combine, options, layers=[moe])
+            self.format.prepare_layer(moe)  # trained under the output format's semantics
         with self._stage("router"):
             losses = []
             if r.trainable:
@@ -229,13 +229,18 @@ class StreamedConversion:
                     self.progress,
                 )
             del cal_inputs
+            # rounded as they will be stored, so the routing, the next layers' inputs and the
+            # evaluation are those of the model written
+            for tensor in layer.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.to(self.store_dtype))
             self._save_routing(index, moe, eval_inputs)
         with self._stage("propagate"):
             self._moe_pass(layer, index, streams)
         with self._stage("write"):
             count = moe_layer_count(layer, moe)
-            self._write_layer(index, layer)
             widths = (moe.experts.width, 0 if moe.shared is None else moe.shared.width)
+            self._write_layer(index, layer, self._info([widths], bias))
             self.lazy.free(layer)
         return {
             "partition": {"shared": partition.shared, "experts": partition.experts},
@@ -326,12 +331,14 @@ class StreamedConversion:
                 start += n
         return batches
 
-    def _write_layer(self, index: int, layer: nn.Module) -> None:
-        """Layer `index`'s tensors, in the checkpoint's dtype, into the work directory."""
+    def _write_layer(self, index: int, layer: nn.Module, info: MoEInfo) -> None:
+        """Layer `index`'s tensors, in the output format's names and the checkpoint's dtype,
+        into the work directory."""
         prefix = f"{self.lazy.layer_prefix}{index}."
+        state = {prefix + name: t for name, t in layer.state_dict().items()}
         tensors = [
-            (prefix + name, t.to(self.store_dtype) if t.is_floating_point() else t)
-            for name, t in layer.state_dict().items()
+            (name, t.to(self.store_dtype) if t.is_floating_point() else t)
+            for name, t in self.format.layer_tensors(state, prefix, self.family, info).items()
         ]
         path = self.work.layer_file(index)
         with write_errors(self.work.directory):
@@ -377,6 +384,8 @@ class StreamedConversion:
         with atomic_directory(self.target, overwrite, inputs) as staging:
             with self._stage("pack"):
                 self._write_output(staging, layers, partition)
+            with self._stage("check"):
+                report.stock_check = self._check_written(staging, streams, layers)
             metrics["conversion_seconds"] = time.perf_counter() - run_started
             metrics["peak_rss_mb"] = peak_rss_mb()
             metrics["peak_rss_stage"] = self.peak_stage  # the last stage that raised the peak
@@ -449,33 +458,55 @@ class StreamedConversion:
             tally.add(i, record["mass"], record["picked"])
         return tally.result()
 
-    def _write_output(self, staging: Path, layers: list[dict], partition) -> None:
-        recipe, e, r = self.recipe, self.recipe.experts, self.recipe.router
-        info = MoEInfo(
+    def _check_written(self, staging: Path, streams: Streams, layers: list[dict]) -> dict:
+        """Formats another runtime loads (stock ones) are loaded back, with accelerate's
+        offloading, and run on two evaluation sequences: they must compute what the converted
+        model computed on them."""
+        if not self.format.checked or not streams.evaluation:
+            return {}
+        batch, n = streams.evaluation[0], len(self.lazy.layers)
+        ids, mask = batch.ids[:2], batch.mask[:2]
+        final = self.work.get(n, "moe", 0)[:2]
+        with self.lazy.outer_modules(CPU, torch.float32, "output"):
+            ours = lm_outputs_of([(ids, mask, self.lazy.final_outputs(ids, mask, final).logits)])
+        info = self._info([rec["widths"] for rec in layers], layers[0]["bias"])
+        layer_bytes = 4 * sum(p.numel() for p in self.lazy.layers[0].parameters())
+        offload = self.work.directory / "offload"
+        return self.format.check_offloaded(
+            staging, info, [(ids, mask)], ours, 2 * layer_bytes, offload, self.store_dtype
+        )
+
+    def _info(self, widths: list[tuple[int, int]], bias: bool, partition=None) -> MoEInfo:
+        """The MoE layout of layers with these (routed, shared) widths."""
+        e, r = self.recipe.experts, self.recipe.router
+        return MoEInfo(
             family=self.family.name,
             num_experts=e.count,
             top_k=e.top_k,
             combine=e.combine,
             router={"kind": r.kind, **r.kind_options.model_dump()},
-            expert_widths=[rec["widths"][0] for rec in layers],
-            shared_widths=[rec["widths"][1] for rec in layers],
+            expert_widths=[w[0] for w in widths],
+            shared_widths=[w[1] for w in widths],
             activation=self.activation,
-            bias=layers[0]["bias"],
+            bias=bias,
             partition=partition,
+            shared_gate=self.format.shared_gate,
         )
+
+    def _write_output(self, staging: Path, layers: list[dict], partition) -> None:
+        info = self._info([rec["widths"] for rec in layers], layers[0]["bias"], partition)
+        self.format.check_layout(info)  # the layers were written one by one
         config = self.lazy.model.config.to_dict()
         config["dtype"] = str(self.store_dtype).removeprefix("torch.")
-        write_config(staging, config, info, self.family.causal_lm)
-        tensors: list[tuple[str, StoredTensor]] = [
-            (name, self.lazy.stored(name)) for name in self.lazy.outer_names
-        ]
+        outer = {name: self.lazy.stored(name) for name in self.lazy.outer_names}
+        tied = {t: s for t, s in tied_weights(self.lazy.model).items() if s in outer}
+        tensors = list(self.format.outer_tensors(outer, tied).items())
         for i in range(len(layers)):
             tensors += list(read_header(self.work.layer_file(i)).items())
-        write_sharded(staging, tensors, shard_bytes(recipe.output.shard_size))
-        partition.save(staging / "partition.json")
-        if self.dense.tokenizer is not None:
-            self.dense.tokenizer.save_pretrained(staging)
-        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        size = shard_bytes(self.recipe.output.shard_size)
+        files = ModelFiles(config, info, tensors, self.dense.tokenizer)
+        self.format.write_files(staging, files, size)
+        (staging / "recipe.yaml").write_text(self.recipe.to_yaml())
 
 
 def _aligner_state(progress: dict) -> Tensor | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import transformers
-from torch import nn
 
 from ..refactor.info import MoEInfo
 from .base import register_format
@@ -26,7 +25,7 @@ class Mixtral(StockFormat):
             )
         return None
 
-    def moe_config(self, model: nn.Module, info: MoEInfo) -> dict:
+    def moe_config(self, config: dict, info: MoEInfo) -> dict:
         return {
             "intermediate_size": expert_width(info),
             "num_local_experts": info.num_experts,

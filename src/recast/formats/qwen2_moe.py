@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import transformers
-from torch import nn
+from torch import Tensor
 
 from ..models.families import Family
-from ..refactor.info import MoEInfo, info_of
-from ..refactor.moe import MoEFFN, moe_layers
-from .base import SHARD_BYTES, register_format
+from ..refactor.info import MoEInfo
+from .base import SHARD_BYTES, ModelFiles, register_format
 from .stock import StockFormat, expert_width
 
 log = logging.getLogger("recast")
@@ -27,22 +27,16 @@ class Qwen2MoE(StockFormat):
     moe_block = "mlp"
     expert_names = ("gate_proj", "up_proj", "down_proj")
     combines = ("softmax", "softmax_all")  # norm_topk_prob true / false
+    shared_gate = True
 
     def shared_expert_refusal(self, shared: float) -> str | None:
         if not shared:
             return "output.format qwen2_moe always has a shared expert: set experts.shared above 0"
         return None
 
-    def prepare(self, model: nn.Module) -> None:
-        for layer in moe_layers(model):
-            layer.add_shared_gate()
-        model.recast.shared_gate = True
-
-    def write(
-        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
-    ) -> None:
-        super().write(model, directory, tokenizer, shard_size)
-        if info_of(model).combine == "softmax":
+    def write_files(self, directory: Path, files: ModelFiles, shard_size: int = SHARD_BYTES):
+        super().write_files(directory, files, shard_size)
+        if files.info.combine == "softmax":
             log.warning(
                 "output.format qwen2_moe with experts.combine softmax: llama.cpp's qwen2moe "
                 "never renormalises the top-k weights, so it computes another function from "
@@ -50,9 +44,9 @@ class Qwen2MoE(StockFormat):
                 "experts.combine: softmax_all for a model llama.cpp runs too (docs/formats.md)"
             )
 
-    def moe_config(self, model: nn.Module, info: MoEInfo) -> dict:
+    def moe_config(self, config: dict, info: MoEInfo) -> dict:
         return {
-            "intermediate_size": model.config.intermediate_size,
+            "intermediate_size": config["intermediate_size"],
             "moe_intermediate_size": expert_width(info),
             "shared_expert_intermediate_size": max(info.shared_widths),
             "num_experts": info.num_experts,
@@ -60,21 +54,21 @@ class Qwen2MoE(StockFormat):
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             # vLLM and llama.cpp build Qwen2-MoE attention with q/k/v biases whatever the
-            # config says: a source without them gets zero biases (see `state`).
+            # config says: a source without them gets zero biases (see `layer_tensors`).
             "qkv_bias": True,
         }
 
-    def state(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
-        state = super().state(model, family)
-        return {**_zero_qkv_biases(state), **state}
+    def layer_tensors(self, state: dict, prefix: str, family: Family, info: MoEInfo) -> dict:
+        out = super().layer_tensors(state, prefix, family, info)
+        return {**_zero_qkv_biases(out), **out}
 
-    def layer_tensors(self, moe: MoEFFN, prefix: str) -> dict[str, torch.Tensor]:
-        shared, n = moe.shared, moe.shared.widths[0]
+    def ffn_tensors(self, ffn: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        # the shared bank holds one expert, unpadded
         return {
-            f"{prefix}.shared_expert.gate_proj.weight": shared.gate[0, :n].detach().clone(),
-            f"{prefix}.shared_expert.up_proj.weight": shared.up[0, :n].detach().clone(),
-            f"{prefix}.shared_expert.down_proj.weight": shared.down[0, :, :n].detach().contiguous(),
-            f"{prefix}.shared_expert_gate.weight": moe.shared_gate.weight.detach().clone(),
+            f"{prefix}.shared_expert.gate_proj.weight": ffn["shared.gate"][0],
+            f"{prefix}.shared_expert.up_proj.weight": ffn["shared.up"][0],
+            f"{prefix}.shared_expert.down_proj.weight": ffn["shared.down"][0],
+            f"{prefix}.shared_expert_gate.weight": ffn["shared_gate.weight"],
         }
 
 

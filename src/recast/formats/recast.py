@@ -22,13 +22,13 @@ from torch import nn
 from ..atomic import atomic_directory
 from ..errors import FormatError, ModelLoadError
 from ..models.families import Family, family_for
-from ..models.surgery import layer_modules, replace_module, tied_weights, untied_state
-from ..refactor.info import MoEInfo, info_of
+from ..models.surgery import layer_modules, replace_module, tied_weights
+from ..refactor.info import MoEInfo
 from ..refactor.moe import ExpertBank, MoEFFN
 from ..refactor.partition import ModelPartition
 from ..routers import attach_routers
 from ..shards import DEFAULT_SHARD_SIZE, Checkpoint, shard_bytes, write_sharded
-from .base import SHARD_BYTES, OutputFormat, register_format
+from .base import FORMATS, SHARD_BYTES, ModelFiles, OutputFormat, register_format
 
 MODEL_TYPE = "recast_moe"
 FORMAT_VERSION = 2  # 2: `recast.router` is a dict of kind and options
@@ -82,7 +82,7 @@ def save(
     """Write `model` in the recast format (atomically; replaces a non-empty dir only with
     `overwrite`, and only one recast wrote); weights above `shard_size` are sharded."""
     with atomic_directory(Path(directory), overwrite) as staging:
-        write_model(model, staging, tokenizer, shard_bytes(shard_size))
+        FORMATS.get("recast").write(model, staging, tokenizer, shard_bytes(shard_size))
     return Path(directory)
 
 
@@ -97,30 +97,20 @@ def write_config(directory: Path, base_config: dict, info: MoEInfo, causal_lm: b
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_model(
-    model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
-) -> None:
-    """The files of the recast format, into an existing (staging) directory."""
-    info = info_of(model)
-    causal = family_for(model.config.model_type).causal_lm
-    write_config(directory, model.config.to_dict(), info, causal)
-    write_sharded(directory, list(untied_state(model).items()), shard_size)
-    if info.partition is not None:
-        info.partition.save(directory / "partition.json")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-
-
 @register_format
 class RecastFormat(OutputFormat):
     """`output.format: recast`: any router and combine; its files load with recast."""
 
     name = "recast"
 
-    def write(
-        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
-    ) -> None:
-        write_model(model, directory, tokenizer, shard_size)
+    def write_files(self, directory: Path, files: ModelFiles, shard_size: int = SHARD_BYTES):
+        causal = family_for(files.config["model_type"]).causal_lm
+        write_config(directory, files.config, files.info, causal)
+        write_sharded(directory, files.tensors, shard_size)
+        if files.info.partition is not None:
+            files.info.partition.save(directory / "partition.json")
+        if files.tokenizer is not None:
+            files.tokenizer.save_pretrained(directory)
 
 
 def install_skeleton(

@@ -16,24 +16,27 @@ with recast's.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import transformers
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import FormatError, ParityError
-from ..evaluate.metrics import lm_outputs
-from ..models.families import Family, family_for
-from ..models.surgery import layer_modules, untied_state
-from ..refactor.info import MoEInfo, info_of
-from ..refactor.moe import MoEFFN, moe_layers
+from ..evaluate.metrics import LMOutputs, lm_outputs, lm_outputs_of
+from ..logs import quiet
+from ..models.families import Family
+from ..refactor.info import MoEInfo
 from ..shards import write_sharded
-from .base import SHARD_BYTES, OutputFormat
+from .base import SHARD_BYTES, ModelFiles, OutputFormat
 
 # Log-probabilities of the stock model and recast's may differ by fp32 reassociation only.
 PARITY_ATOL = 1e-4
+# ... and by the rounding of the folded top-k factor (see `_weight_scale`) to a 16-bit stored
+# dtype, where that factor is not a power of two (bf16 keeps 8 bits of mantissa).
+ROUNDED_ATOL = 2e-2
 
 # transformers' grouped-GEMM expert kernels need 16-byte aligned rows; zero neurons pad the
 # expert width up to a multiple of this many neurons (they contribute exactly 0).
@@ -66,6 +69,7 @@ class StockFormat(OutputFormat):
     expert_names: ClassVar[tuple[str, str, str]]
     # The `experts.combine` weightings the architecture computes (routers.combine_weights).
     combines: ClassVar[tuple[str, ...]] = ("softmax",)
+    checked = True
 
     def cannot_express(
         self, *, router: str, router_options: dict, combine: str, shared: float
@@ -104,67 +108,57 @@ class StockFormat(OutputFormat):
                 f"this model's attention_bias is true"
             )
 
-    def moe_config(self, model: nn.Module, info: MoEInfo) -> dict:
-        """The format's own config keys: expert count and widths."""
+    def moe_config(self, config: dict, info: MoEInfo) -> dict:
+        """The format's own config keys: expert count and widths (`config`: the dense one)."""
         raise NotImplementedError
 
-    def layer_tensors(self, moe: MoEFFN, prefix: str) -> dict[str, torch.Tensor]:
+    def ffn_tensors(self, ffn: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
         """Tensors of one layer's FFN besides its gate and routed experts."""
         return {}
 
-    def config(self, model: nn.Module) -> transformers.PretrainedConfig:
-        info = info_of(model)
-        base = {k: v for k, v in model.config.to_dict().items() if k not in DENSE_ONLY_KEYS}
-        return self.config_class(
+    def outer_tensors(self, tensors: dict, tied: dict[str, str]) -> dict:
+        out = {k: v for k, v in tensors.items() if not k.startswith("recast_router.")}
+        # llama.cpp needs the head as a tensor of its own even where the embedding is tied.
+        for target, source in tied.items():
+            if target == "lm_head.weight" and source in out:
+                out[target] = out[source]
+        return out
+
+    def layer_tensors(self, state: dict, prefix: str, family: Family, info: MoEInfo) -> dict:
+        """Rename and split recast's FFN tensors into the per-expert Hub layout."""
+        ffn_prefix = f"{prefix}{family.ffn}."
+        ffn = {k.removeprefix(ffn_prefix): v for k, v in state.items() if k.startswith(ffn_prefix)}
+        out = {k: v for k, v in state.items() if not k.startswith(ffn_prefix)}
+        width = expert_width(info)
+        p = prefix + self.moe_block
+        gate_name, up_name, down_name = self.expert_names
+        projections = {
+            gate_name: _pad_width(ffn["experts.gate"], 1, width),
+            up_name: _pad_width(ffn["experts.up"], 1, width),
+            down_name: _pad_width(ffn["experts.down"] * _weight_scale(info), 2, width),
+        }
+        out[f"{p}.gate.weight"] = ffn["router.net.weight"]
+        for name, stacked in projections.items():
+            for e, weight in enumerate(stacked):
+                out[f"{p}.experts.{e}.{name}.weight"] = weight
+        out.update(self.ffn_tensors(ffn, p))
+        return out
+
+    def write_files(self, directory: Path, files: ModelFiles, shard_size: int = SHARD_BYTES):
+        info = files.info
+        base = {k: v for k, v in files.config.items() if k not in DENSE_ONLY_KEYS}
+        self.config_class(
             **base,
-            **self.moe_config(model, info),
+            **self.moe_config(files.config, info),
             num_experts_per_tok=info.top_k,
             output_router_logits=False,
             architectures=[self.architecture],
-        )
-
-    def state(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
-        """Rename and split recast's tensors into the per-expert Hub layout."""
-        state = untied_state(model)
-        out = {
-            k: v
-            for k, v in state.items()
-            if f".{family.ffn}." not in k and not k.startswith("recast_router.")
-        }
-        if "lm_head.weight" not in out:
-            # llama.cpp needs the head as a tensor of its own even where the embedding is tied.
-            out["lm_head.weight"] = model.get_output_embeddings().weight.detach().clone()
-        width = expert_width(info_of(model))
-        gate_name, up_name, down_name = self.expert_names
-        for i, layer in enumerate(layer_modules(model, family)):
-            moe = layer.get_submodule(family.ffn)
-            p = f"model.{family.layers}.{i}.{self.moe_block}"
-            bank = moe.bank
-            projections = {
-                gate_name: _pad_width(bank.gate, 1, width),
-                up_name: _pad_width(bank.up, 1, width),
-                down_name: _pad_width(bank.down * _weight_scale(moe), 2, width),
-            }
-            out[f"{p}.gate.weight"] = moe.router.net.weight.detach().clone()
-            for name, stacked in projections.items():
-                for e, weight in enumerate(stacked):
-                    out[f"{p}.experts.{e}.{name}.weight"] = weight.clone()
-            out.update(self.layer_tensors(moe, p))
-        return out
-
-    def write(
-        self, model: nn.Module, directory: Path, tokenizer=None, shard_size: int = SHARD_BYTES
-    ) -> None:
-        for moe in moe_layers(model):
-            moe.bank.zero_padding()
-        self.config(model).save_pretrained(directory)
+        ).save_pretrained(directory)
         add_legacy_config_keys(directory / "config.json")
-        state = self.state(model, family_for(model.config.model_type))
-        write_sharded(directory, list(state.items()), shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        write_sharded(directory, files.tensors, shard_size)
+        if files.tokenizer is not None:
+            files.tokenizer.save_pretrained(directory)
             _name_tokenizer_class_for_every_reader(directory / "tokenizer_config.json")
-        info = info_of(model)
         if info.partition is not None:
             info.partition.save(directory / "partition.json")
 
@@ -173,47 +167,82 @@ class StockFormat(OutputFormat):
     ) -> dict:
         """Load the written model with plain transformers and compare it with `model`: a
         stock file that computes something else must not be shipped."""
-        stock, loading = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, output_loading_info=True
-        )
-        stock.eval()
-        unread = {k: v for k, v in loading.items() if k != "error_msgs" and v}
-        if unread:
-            raise ParityError(
-                f"transformers does not read the written files as they are meant: {unread}; "
-                f"nothing was written"
-            )
+        stock = _load_written(directory)
         with torch.no_grad():
             ours = lm_outputs(model.eval(), sequences, 4, pad_id)
             theirs = lm_outputs(stock, sequences, 4, pad_id)
-        diff = float((ours.log_probs - theirs.log_probs).abs().max())
-        agreement = float((ours.log_probs.argmax(-1) == theirs.log_probs.argmax(-1)).float().mean())
-        result = {
-            "format": json.loads((directory / "config.json").read_text())["model_type"],
-            "max_abs_logprob_diff": diff,
-            "top1_agreement": agreement,
-            "tokens": int(ours.targets.numel()),
-            "tolerance": PARITY_ATOL,
-        }
-        if not diff <= PARITY_ATOL:
-            raise ParityError(
-                f"the written {result['format']} model differs from the converted model by "
-                f"{diff:.2e} in log-probabilities (tolerance {PARITY_ATOL:.0e}); "
-                f"nothing was written"
+        return _compared(directory, ours, theirs, PARITY_ATOL)
+
+    def check_layout(self, info: MoEInfo) -> None:
+        width = expert_width(info)
+        narrower = [i for i, w in enumerate(info.expert_widths) if _padded(w) != width]
+        if narrower:
+            raise FormatError(
+                f"output.format {self.name} stores one expert width ({width}) but layer "
+                f"{narrower[0]}'s experts are narrower; convert with stream.enabled: false"
             )
-        return result
+
+    def check_offloaded(self, directory, info, batches, ours, memory, offload, dtype) -> dict:
+        """Transformers loads the written files with accelerate's offloading (at most `memory`
+        bytes of weights in memory, the rest read from `offload` as it runs)."""
+        scale = _weight_scale(info)
+        exact = dtype == torch.float32 or scale & (scale - 1) == 0  # x 2^n rounds exactly
+        stock = _load_written(
+            directory, device_map="auto", max_memory={"cpu": memory}, offload_folder=str(offload)
+        )
+        with torch.no_grad():
+            theirs = lm_outputs_of(
+                (ids, mask, stock(input_ids=ids, attention_mask=mask).logits)
+                for ids, mask in batches
+            )
+        return _compared(directory, ours, theirs, PARITY_ATOL if exact else ROUNDED_ATOL)
+
+
+def _load_written(directory: Path, **placement) -> nn.Module:
+    with quiet("transformers", "accelerate"):  # disk offload is what is asked for
+        stock, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, output_loading_info=True, **placement
+        )
+    unread = {k: v for k, v in loading.items() if k != "error_msgs" and v}
+    if unread:
+        raise ParityError(
+            f"transformers does not read the written files as they are meant: {unread}; "
+            f"nothing was written"
+        )
+    return stock.eval()
+
+
+def _compared(directory: Path, ours: LMOutputs, theirs: LMOutputs, tolerance: float) -> dict:
+    diff = float((ours.log_probs - theirs.log_probs).abs().max())
+    agreement = float((ours.log_probs.argmax(-1) == theirs.log_probs.argmax(-1)).float().mean())
+    result = {
+        "format": json.loads((directory / "config.json").read_text())["model_type"],
+        "max_abs_logprob_diff": diff,
+        "top1_agreement": agreement,
+        "tokens": int(ours.targets.numel()),
+        "tolerance": tolerance,
+    }
+    if not diff <= tolerance:
+        raise ParityError(
+            f"the written {result['format']} model differs from the converted model by "
+            f"{diff:.2e} in log-probabilities (tolerance {tolerance:.0e}); nothing was written"
+        )
+    return result
 
 
 def expert_width(info: MoEInfo) -> int:
     """The stored expert width: the widest expert, padded to WIDTH_MULTIPLE."""
-    width = max(info.expert_widths)
+    return _padded(max(info.expert_widths))
+
+
+def _padded(width: int) -> int:
     return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
-def _weight_scale(moe: MoEFFN) -> int:
+def _weight_scale(info: MoEInfo) -> int:
     """The factor recast's weights carry over the stock softmax (see `combine_weights`): k for
     `softmax`, E for `softmax_all`."""
-    return moe.num_experts if moe.combine == "softmax_all" else moe.router.top_k
+    return info.num_experts if info.combine == "softmax_all" else info.top_k
 
 
 def _pad_width(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:

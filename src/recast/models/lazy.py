@@ -26,7 +26,7 @@ from ..errors import ModelLoadError
 from ..logs import quiet
 from ..shards import Checkpoint
 from .families import Family
-from .surgery import layer_modules, tied_weights
+from .surgery import layer_modules, layer_prefix, tied_weights
 
 
 @dataclass
@@ -93,7 +93,7 @@ class LazyModel:
         self.model.tie_weights()  # (on meta, from_config leaves a tied head separate)
         self.model.eval()
         self.layers = layer_modules(self.model, family)
-        self.layer_prefix = next(n for n, m in self.model.named_modules() if m is self.layers) + "."
+        self.layer_prefix = layer_prefix(self.model, family)
         self._names = self._checkpoint_names()
         # the tensors outside the layers (embeddings, final norm, head), in checkpoint order
         self.outer_names = [n for n in self._names if not n.startswith(self.layer_prefix)]

@@ -15,6 +15,12 @@ from ..errors import ModelLoadError
 from .families import Family
 
 
+def layer_prefix(model: nn.Module, family: Family) -> str:
+    """The tensor-name prefix of the layers (`model.layers.`, `transformer.h.`)."""
+    layers = layer_modules(model, family)
+    return next(n for n, m in model.named_modules() if m is layers) + "."
+
+
 def layer_modules(model: nn.Module, family: Family) -> nn.ModuleList:
     """The backbone's list of transformer layers."""
     try:
