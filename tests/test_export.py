@@ -186,6 +186,33 @@ def test_big_models_parity_gate_stops_adding_coverage_batches(tmp_path, monkeypa
     assert (free["coverage_bounded"], bounded["coverage_bounded"]) == (False, True)
 
 
+def test_expert_weights_are_stored_apart_so_no_session_folds_them(tmp_path, monkeypatch):
+    # onnxscript folds a tiny model's expert reads itself; unfolded, as a big model's are,
+    # each Gather of a stacked weight must become an initializer of its own
+    export = onnx_export.export_onnx
+    monkeypatch.setattr(
+        onnx_export,
+        "export_onnx",
+        lambda t, path, moe_op, fold=True: export(t, path, moe_op, False),
+    )
+    model = make_model("llama", "layer")
+    out = recast.export(model, tmp_path / "b")  # the parity gate ran on the split graph
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    initializers = {i.name: list(i.dims) for i in graph.initializer}
+    assert not [
+        n
+        for n in graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in initializers
+        and len(initializers[n.input[0]]) == 3
+    ]  # no stacked [E, W, H] weight is read
+    per_expert = [n for n in graph.node if n.name.endswith(".matmul") and ".experts." in n.name]
+    layers = [m for m in model.modules() if type(m).__name__ == "MoEFFN"]
+    assert len(per_expert) == sum(2 * m.num_experts for m in layers)  # gate+up fused, down
+    for node in per_expert:
+        assert node.input[1] in initializers  # a weight of its own, stored as it is used
+
+
 def test_existing_bundle_needs_overwrite(bundles, tmp_path):
     out = tmp_path / "b"
     out.mkdir()

@@ -42,6 +42,7 @@ from .lowerings import contrib_supports
 from .parity import check_parity
 from .portable import required_runtime, save_graph
 from .settings import ExportSpec, QuantizeSpec
+from .split_experts import split_expert_weights, stacked_expert_weights
 
 log = logging.getLogger("recast")
 
@@ -195,7 +196,10 @@ def _final_graph(
 
         raw = to_fp16(raw, work / f"{name}.fp16.onnx")
     if spec.quantize is None or name == "router":  # the router is tiny and decides routing
-        save_graph(raw, final)  # standard ONNX: onnxruntime fuses it when a session opens
+        # standard ONNX: onnxruntime fuses it when a session opens; each expert's weight
+        # stored apart, so that opening it folds no copy of them
+        if not split_expert_weights(raw, final, set(stacked_expert_weights(model))):
+            save_graph(raw, final)
         return None
     from .optimize import optimize
     from .quantize import quantize_int8, router_nodes

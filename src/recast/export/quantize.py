@@ -128,17 +128,14 @@ def quantize_experts(raw: Path, target_path: Path, model, tokenizer, budget_mb: 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from ..refactor.moe import MoEFFN
-    from .split_experts import SplitExpertWeights
+    from .split_experts import split_expert_weights, stacked_expert_weights
 
-    stacked, slots = {}, []
+    stacked, slots = stacked_expert_weights(model, banks=("experts",)), []
     shares = expert_importance(model, tokenizer)
-    for path, moe in model.named_modules():
+    for moe in model.modules():
         if not isinstance(moe, MoEFFN):
             continue
         bank = moe.bank
-        for projection in ("up", "gate", "down"):
-            if getattr(bank, projection) is not None:
-                stacked[f"model.{path}.experts.{projection}"] = moe.layer_index
         projections = 3 if bank.gate is not None else 2
         for expert, width in enumerate(bank.widths):
             slots.append(
@@ -151,8 +148,14 @@ def quantize_experts(raw: Path, target_path: Path, model, tokenizer, budget_mb: 
             )
     assign_bits(slots, budget_mb)
     bits_of = {(s.layer, s.expert): s.bits for s in slots}
-    onnx_model = onnx.load(str(raw))
-    matmuls = SplitExpertWeights(set(stacked)).apply(onnx_model)
+    split = target_path.with_name(target_path.stem + ".split.onnx")
+    matmuls = split_expert_weights(raw, split, set(stacked))
+    if not matmuls:
+        raise ExportError(
+            "no expert weights were found to split; per-expert quantization needs the "
+            "gather form of the MoE layers (moe_op: gather)"
+        )
+    onnx_model = onnx.load(str(split))
     by_bits: dict[int, list[str]] = {4: [], 8: []}
     for matmul, (stack, expert) in matmuls.items():
         bits = bits_of[(stacked[stack], expert)]

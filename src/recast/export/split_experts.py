@@ -1,4 +1,4 @@
-"""Graph pass: one initializer per expert weight, so experts can be quantized one by one.
+"""Graph pass: one initializer per expert weight, so that no weight is folded at session open.
 
 The gather lowering reads expert `e` of stacked `[E, W, H]` weights as
 
@@ -7,104 +7,143 @@ The gather lowering reads expert `e` of stacked `[E, W, H]` weights as
     up   (initializer) ─► Gather(e) ─┘
     down (initializer) ─► Gather(e) ─► Transpose ─► MatMul
 
-This pass replaces each Gather with a new initializer `<stacked name>.<e>`, then folds the
-Concat / Transpose nodes whose inputs are all such initializers, so every expert MatMul reads
-one constant weight of its own. Those MatMuls are renamed `<weight>.matmul` for quantizers to
-select by name; the stacked tensors are dropped once nothing reads them.
+Left so, onnxruntime's constant folding materialises every Gather, Concat and Transpose when a
+session opens: a second and third copy of the expert weights in memory beside the mapped
+file (3.6x the weights at 0.5B, docs/PERFORMANCE.md). This pass replaces each Gather with an
+initializer `<stacked name>.<e>`, folds the Concat / Transpose nodes whose inputs are all such
+initializers, and drops the stacked tensors, so every expert MatMul reads one constant weight
+of its own, stored as it is used. The new weights are lazy (onnx_ir): each is computed from
+the memory-mapped stacked tensor as it is written, so the pass holds one expert weight at a
+time whatever the graph's size. The MatMuls are renamed `<weight>.matmul` for per-expert
+quantizers to select by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
+from torch import nn
 
 from ..errors import ExportError
 
 
-class SplitExpertWeights:
-    def __init__(self, stacked: set[str]):
-        self.stacked = stacked  # initializer names of the stacked expert weights
-        self.rewrites = 0
+def stacked_expert_weights(model: nn.Module, banks=("experts", "shared")) -> dict[str, int]:
+    """{initializer name of a stacked weight of `banks` in the exported graph: layer index}."""
+    from ..refactor.moe import MoEFFN
 
-    def apply(self, model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
-        """Rewrite `model` in place; returns {MatMul name: (stacked weight, expert)}."""
-        graph = model.graph
-        values = {i.name: i for i in graph.initializer}
-        constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-        origin: dict[str, tuple[str, int]] = {}  # per-expert initializer -> (stacked, expert)
-        arrays: dict[str, np.ndarray] = {}
-        for node in list(graph.node):
-            if node.op_type == "Gather" and node.input[0] in self.stacked:
-                expert = int(_constant(node.input[1], values, constants))
-                name = f"{node.input[0]}.{expert}"
-                arrays[name] = numpy_helper.to_array(values[node.input[0]])[expert]
-                origin[name] = (node.input[0], expert)
-                self._replace(graph, node, name)
-        if not self.rewrites:
-            raise ExportError(
-                "no expert weights were found to split; per-expert quantization needs the "
-                "gather form of the MoE layers (moe_op: gather)"
-            )
-        self._fold(graph, origin, arrays)
-        for name, array in arrays.items():
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        matmuls = {}
-        for node in graph.node:
-            if node.op_type == "MatMul" and node.input[1] in origin:
-                node.name = f"{node.input[1]}.matmul"
-                matmuls[node.name] = origin[node.input[1]]
-        _drop_unused(graph)
-        return matmuls
-
-    def _replace(self, graph, node, name: str) -> None:
-        for user in graph.node:
-            user.input[:] = [name if i == node.output[0] else i for i in user.input]
-        graph.node.remove(node)
-        self.rewrites += 1
-
-    def _fold(self, graph, origin: dict, arrays: dict) -> None:
-        """Fold Concat and Transpose nodes that read only per-expert weights."""
-        changed = True
-        while changed:
-            changed = False
-            for node in list(graph.node):
-                if node.op_type not in ("Concat", "Transpose"):
-                    continue
-                if not node.input or not all(i in arrays for i in node.input):
-                    continue
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                if node.op_type == "Concat":
-                    name = "+".join(node.input)
-                    array = np.concatenate([arrays[i] for i in node.input], axis=attrs["axis"])
-                else:
-                    name = f"{node.input[0]}.T"
-                    array = np.transpose(arrays[node.input[0]], attrs.get("perm"))
-                arrays[name], origin[name] = array, origin[node.input[0]]
-                self._replace(graph, node, name)
-                changed = True
-        used = {i for node in graph.node for i in node.input}
-        for name in [n for n in arrays if n not in used]:
-            del arrays[name]
+    stacked = {}
+    for path, moe in model.named_modules():
+        for bank in banks if isinstance(moe, MoEFFN) else ():
+            for projection in ("up", "gate", "down"):
+                if getattr(getattr(moe, bank), projection, None) is not None:
+                    stacked[f"model.{path}.{bank}.{projection}"] = moe.layer_index
+    return stacked
 
 
-def _constant(name: str, values: dict, constants: dict):
-    if name in values:
-        return numpy_helper.to_array(values[name])
-    node = constants.get(name)
-    for attribute in node.attribute if node is not None else []:
-        if attribute.name == "value":
-            return numpy_helper.to_array(attribute.t)
-        if attribute.name == "value_int":
-            return attribute.i
-    raise ExportError(f"expert index {name} is not a constant; cannot split experts")
+def split_expert_weights(source: Path, target: Path, stacked: set[str]) -> dict[str, tuple]:
+    """Write the graph at `source` to `target` (+ `.data`) with the experts of the `stacked`
+    weights split; returns {MatMul name: (stacked weight, expert)}."""
+    model = ir.load(str(source))
+    graph = model.graph
+    arrays: dict[str, Callable[[], np.ndarray]] = {}  # per-expert value -> its array, lazily
+    origin: dict[str, tuple[str, int]] = {}
+    values: dict[str, ir.Value] = {}
+    for node in list(graph):
+        data = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+        if data is None or data.name not in stacked or _axis(node) != 0:
+            continue
+        expert = _index(node.inputs[1])
+        name = f"{data.name}.{expert}"
+        if name not in values:
+            tensor = data.const_value
+            arrays[name] = lambda t=tensor, e=expert: t.numpy()[e]
+            values[name] = _lazy(graph, name, arrays[name], tensor.dtype, tensor.shape[1:])
+            origin[name] = (data.name, expert)
+        node.outputs[0].replace_all_uses_with(values[name])
+        graph.remove(node, safe=True)
+    if not values:
+        return {}
+    _fold(graph, arrays, origin, values)
+    matmuls = {}
+    for node in graph:
+        if node.op_type == "MatMul" and node.inputs[1] is not None:
+            if node.inputs[1].name in origin:
+                node.name = f"{node.inputs[1].name}.matmul"
+                matmuls[node.name] = origin[node.inputs[1].name]
+    _drop_unused(graph)
+    ir.save(model, str(target), external_data=target.name + ".data", size_threshold_bytes=1024)
+    return matmuls
+
+
+def _fold(graph, arrays: dict, origin: dict, values: dict) -> None:
+    """Fold Concat and Transpose nodes that read only per-expert weights (lazily)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if node.op_type not in ("Concat", "Transpose") or not node.inputs:
+                continue
+            names = [v.name if v is not None else None for v in node.inputs]
+            if not all(n in arrays for n in names):
+                continue
+            parts = [arrays[n] for n in names]
+            shapes = [list(values[n].shape) for n in names]
+            if node.op_type == "Concat":
+                axis = node.attributes["axis"].as_int()
+                name = "+".join(names)
+                arrays[name] = lambda p=parts, a=axis: np.concatenate([f() for f in p], axis=a)
+                shape = shapes[0]
+                shape[axis] = sum(s[axis] for s in shapes)
+            else:
+                perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+                perm = list(perm) if perm is not None else list(range(len(shapes[0])))[::-1]
+                name = f"{names[0]}.T"
+                arrays[name] = lambda p=parts[0], q=perm: np.ascontiguousarray(np.transpose(p(), q))
+                shape = [shapes[0][i] for i in perm]
+            out = node.outputs[0]
+            values[name] = _lazy(graph, name, arrays[name], values[names[0]].dtype, shape)
+            origin[name] = origin[names[0]]
+            out.replace_all_uses_with(values[name])
+            graph.remove(node, safe=True)
+            changed = True
+
+
+def _lazy(graph, name: str, make: Callable[[], np.ndarray], dtype, shape) -> ir.Value:
+    shape = [int(d) for d in shape]
+    tensor = ir.LazyTensor(lambda: ir.tensor(make()), dtype=dtype, shape=ir.Shape(shape))
+    value = ir.Value(
+        name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _axis(node) -> int:
+    return node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+
+
+def _index(value) -> int:
+    tensor = value.const_value if value is not None else None
+    if tensor is None and value is not None and value.producer() is not None:
+        producer = value.producer()
+        if producer.op_type == "Constant" and "value_int" in producer.attributes:
+            return producer.attributes["value_int"].as_int()
+        if producer.op_type == "Constant" and "value" in producer.attributes:
+            tensor = producer.attributes["value"].as_tensor()
+    if tensor is None:
+        what = value.producer().op_type if value is not None and value.producer() else "input"
+        raise ExportError(f"expert index {value and value.name} is not a constant ({what})")
+    return int(tensor.numpy())
 
 
 def _drop_unused(graph) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used |= {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        graph.node.remove(node)
+    """The stacked weights, and the Constant index nodes, once nothing reads them."""
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+    for node in list(graph):
+        if node.op_type == "Constant" and not any(out.uses() for out in node.outputs):
+            graph.remove(node, safe=True)
