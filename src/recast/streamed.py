@@ -383,9 +383,10 @@ class StreamedConversion:
         )
         with atomic_directory(self.target, overwrite, inputs) as staging:
             with self._stage("pack"):
-                self._write_output(staging, layers, partition)
+                info = self._info([r["widths"] for r in layers], layers[0]["bias"], partition)
+                self._write_output(staging, info)
             with self._stage("check"):
-                report.stock_check = self._check_written(staging, streams, layers)
+                report.stock_check = self._check_written(staging, streams, info)
             metrics["conversion_seconds"] = time.perf_counter() - run_started
             metrics["peak_rss_mb"] = peak_rss_mb()
             metrics["peak_rss_stage"] = self.peak_stage  # the last stage that raised the peak
@@ -458,7 +459,7 @@ class StreamedConversion:
             tally.add(i, record["mass"], record["picked"])
         return tally.result()
 
-    def _check_written(self, staging: Path, streams: Streams, layers: list[dict]) -> dict:
+    def _check_written(self, staging: Path, streams: Streams, info: MoEInfo) -> dict:
         """Formats another runtime loads (stock ones) are loaded back, with accelerate's
         offloading, and run on two evaluation sequences: they must compute what the converted
         model computed on them."""
@@ -469,7 +470,6 @@ class StreamedConversion:
         final = self.work.get(n, "moe", 0)[:2]
         with self.lazy.outer_modules(CPU, torch.float32, "output"):
             ours = lm_outputs_of([(ids, mask, self.lazy.final_outputs(ids, mask, final).logits)])
-        info = self._info([rec["widths"] for rec in layers], layers[0]["bias"])
         layer_bytes = 4 * sum(p.numel() for p in self.lazy.layers[0].parameters())
         offload = self.work.directory / "offload"
         return self.format.check_offloaded(
@@ -493,15 +493,14 @@ class StreamedConversion:
             shared_gate=self.format.shared_gate,
         )
 
-    def _write_output(self, staging: Path, layers: list[dict], partition) -> None:
-        info = self._info([rec["widths"] for rec in layers], layers[0]["bias"], partition)
+    def _write_output(self, staging: Path, info: MoEInfo) -> None:
         self.format.check_layout(info)  # the layers were written one by one
         config = self.lazy.model.config.to_dict()
         config["dtype"] = str(self.store_dtype).removeprefix("torch.")
         outer = {name: self.lazy.stored(name) for name in self.lazy.outer_names}
         tied = {t: s for t, s in tied_weights(self.lazy.model).items() if s in outer}
         tensors = list(self.format.outer_tensors(outer, tied).items())
-        for i in range(len(layers)):
+        for i in range(len(info.expert_widths)):
             tensors += list(read_header(self.work.layer_file(i)).items())
         size = shard_bytes(self.recipe.output.shard_size)
         files = ModelFiles(config, info, tensors, self.dense.tokenizer)
