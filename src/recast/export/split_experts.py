@@ -21,6 +21,7 @@ quantizers to select by name.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,8 @@ def split_expert_weights(source: Path, target: Path, stacked: set[str]) -> dict[
     weights split; returns {MatMul name: (stacked weight, expert)}."""
     model = ir.load(str(source))
     graph = model.graph
-    arrays: dict[str, Callable[[], np.ndarray]] = {}  # per-expert value -> its array, lazily
     origin: dict[str, tuple[str, int]] = {}
-    values: dict[str, ir.Value] = {}
+    values: dict[str, ir.Value] = {}  # per-expert weights, lazily computed
     for node in list(graph):
         data = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
         if data is None or data.name not in stacked or _axis(node) != 0:
@@ -59,14 +59,14 @@ def split_expert_weights(source: Path, target: Path, stacked: set[str]) -> dict[
         name = f"{data.name}.{expert}"
         if name not in values:
             tensor = data.const_value
-            arrays[name] = lambda t=tensor, e=expert: t.numpy()[e]
-            values[name] = _lazy(graph, name, arrays[name], tensor.dtype, tensor.shape[1:])
+            make = partial(_expert_of, tensor, expert)
+            values[name] = _lazy(graph, name, make, tensor.dtype, tensor.shape[1:])
             origin[name] = (data.name, expert)
         node.outputs[0].replace_all_uses_with(values[name])
         graph.remove(node, safe=True)
     if not values:
         return {}
-    _fold(graph, arrays, origin, values)
+    _fold(graph, origin, values)
     matmuls = {}
     for node in graph:
         if node.op_type == "MatMul" and node.inputs[1] is not None:
@@ -78,7 +78,7 @@ def split_expert_weights(source: Path, target: Path, stacked: set[str]) -> dict[
     return matmuls
 
 
-def _fold(graph, arrays: dict, origin: dict, values: dict) -> None:
+def _fold(graph, origin: dict, values: dict) -> None:
     """Fold Concat and Transpose nodes that read only per-expert weights (lazily)."""
     changed = True
     while changed:
@@ -87,28 +87,40 @@ def _fold(graph, arrays: dict, origin: dict, values: dict) -> None:
             if node.op_type not in ("Concat", "Transpose") or not node.inputs:
                 continue
             names = [v.name if v is not None else None for v in node.inputs]
-            if not all(n in arrays for n in names):
+            if not all(n in values for n in names):
                 continue
-            parts = [arrays[n] for n in names]
+            parts = [values[n].const_value.numpy for n in names]
             shapes = [list(values[n].shape) for n in names]
             if node.op_type == "Concat":
                 axis = node.attributes["axis"].as_int()
                 name = "+".join(names)
-                arrays[name] = lambda p=parts, a=axis: np.concatenate([f() for f in p], axis=a)
+                make = partial(_concatenated, parts, axis)
                 shape = shapes[0]
                 shape[axis] = sum(s[axis] for s in shapes)
             else:
                 perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
                 perm = list(perm) if perm is not None else list(range(len(shapes[0])))[::-1]
                 name = f"{names[0]}.T"
-                arrays[name] = lambda p=parts[0], q=perm: np.ascontiguousarray(np.transpose(p(), q))
+                make = partial(_transposed, parts[0], perm)
                 shape = [shapes[0][i] for i in perm]
             out = node.outputs[0]
-            values[name] = _lazy(graph, name, arrays[name], values[names[0]].dtype, shape)
+            values[name] = _lazy(graph, name, make, values[names[0]].dtype, shape)
             origin[name] = origin[names[0]]
             out.replace_all_uses_with(values[name])
             graph.remove(node, safe=True)
             changed = True
+
+
+def _expert_of(stacked, expert: int) -> np.ndarray:
+    return stacked.numpy()[expert]
+
+
+def _concatenated(parts: list[Callable[[], np.ndarray]], axis: int) -> np.ndarray:
+    return np.concatenate([part() for part in parts], axis=axis)
+
+
+def _transposed(part: Callable[[], np.ndarray], perm: list[int]) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(part(), perm))
 
 
 def _lazy(graph, name: str, make: Callable[[], np.ndarray], dtype, shape) -> ir.Value:
