@@ -3,6 +3,7 @@ with the per-layer oracle router as the upper bound.
 
     python scripts/bench_quality.py                       # every recipe below
     python scripts/bench_quality.py --recipes readme-tiny --json out.json
+    python scripts/bench_quality.py --sweep [--recovery]  # quality vs active FFN fraction
 
 Each recipe runs through `recast.convert` (nothing saved); the same run's dense model is the
 baseline, so every figure is a ratio or an agreement against it. Writes a JSON file and a PNG
@@ -11,6 +12,14 @@ of per-layer expert load (tokens per expert on held-out text).
 Targets (issue 3), at active FFN fraction <= 0.5:
   trained tiny LM with the pre-gating router: perplexity ratio MoE / dense <= 1.10;
   all-MiniLM-L6-v2: embedding cosine >= 0.95 and Spearman of pairwise similarities >= 0.95.
+
+`--sweep` (issue 16) converts the tiny LM and MiniLM at active FFN fractions of about 0.25,
+0.35, 0.44, 0.5 and 0.75 (8 experts; top-k and the shared share chosen to land there) with
+each method of SWEEP_METHODS, and draws quality against active fraction, one line per method.
+With `--recovery` each conversion also runs its recipe's recovery (the figures before it come
+from the same run); without, recovery is off. Targets with no recovery: tiny LM perplexity
+ratio <= 1.15 at <= 0.44 active; MiniLM cosine >= 0.90 at <= 0.5; after recovery MiniLM cosine
+and Spearman >= 0.95 at <= 0.5.
 """
 
 from __future__ import annotations
@@ -29,6 +38,133 @@ RECIPES = {
     "minilm-layer": ("recipes/minilm-layer.yaml", "cosine_mean", ">=", 0.95),
 }
 SECOND_METRIC = {"cosine_mean": ("similarity_spearman", ">=", 0.95)}
+
+# model -> (base recipe, quality metric); the sweep sums experts (`combine: sum`) and keeps the
+# output in recast's format, which holds every router.
+SWEEP_MODELS = {
+    "tiny-lm": ("recipes/qwen2moe-tiny.yaml", "perplexity_ratio"),
+    "minilm": ("recipes/minilm-layer.yaml", "cosine_mean"),
+}
+SWEEP_METHODS = {
+    "cluster + trained gates": {"experts.strategy": "cluster", "router.kind": "layer"},
+    "activation_rate + analytic": {
+        "experts.strategy": "activation_rate",
+        "router.kind": "analytic",
+    },
+    "per-layer oracle": {"experts.strategy": "activation_rate", "router.kind": "oracle"},
+}
+SWEEP_EXPERTS = 8
+SWEEP_POINTS = {0.25: 1, 0.35: 1, 0.44: 2, 0.5: 2, 0.75: 4}  # active fraction -> top-k
+
+
+def sweep_overrides(fraction: float, top_k: int, method: dict, recovery: bool) -> dict:
+    """The recipe keys of one sweep point: shared s so that s + (1 - s) k / E = fraction."""
+    routed = top_k / SWEEP_EXPERTS
+    return {
+        "experts.count": SWEEP_EXPERTS,
+        "experts.top_k": top_k,
+        "experts.shared": round((fraction - routed) / (1 - routed), 4),
+        "experts.combine": "sum",
+        "output.format": "recast",
+        "export": None,
+        **({} if recovery else {"recover.steps": 0}),
+        **method,
+    }
+
+
+def run_sweep(models: list[str], recovery: bool) -> list[dict]:
+    import recast
+
+    points = []
+    for model in models:
+        recipe, metric = SWEEP_MODELS[model]
+        for fraction, top_k in SWEEP_POINTS.items():
+            for method, keys in SWEEP_METHODS.items():
+                print(f"sweep {model} {fraction} {method} ...", flush=True)
+                started = time.perf_counter()
+                result = recast.convert(
+                    recipe,
+                    overrides=[
+                        f"{k}={'null' if v is None else v}"
+                        for k, v in sweep_overrides(fraction, top_k, keys, recovery).items()
+                    ],
+                    save=False,
+                    progress=False,
+                )
+                m, before = result.report.metrics, result.report.before_recovery
+                keys_of = [metric, "similarity_spearman"] if metric == "cosine_mean" else [metric]
+                points.append(
+                    {
+                        "model": model,
+                        "method": method,
+                        "target_fraction": fraction,
+                        "active_ffn_fraction": m["active_ffn_fraction"],
+                        "metric": metric,
+                        "no_recovery": {k: (before or m)[k] for k in keys_of},
+                        "recovery": {k: m[k] for k in keys_of} if recovery else {},
+                        "router_recall": result.report.routing.get("mean_recall"),
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                )
+    return points
+
+
+def sweep_table(points: list[dict]) -> str:
+    headers = ["model", "method", "active FFN", "metric", "no recovery", "recovery", "recall", "s"]
+    rows = []
+    for p in points:
+        for key, value in p["no_recovery"].items():
+            after = p["recovery"].get(key)
+            rows.append(
+                [
+                    p["model"],
+                    p["method"],
+                    f"{p['active_ffn_fraction']:.3f}",
+                    key,
+                    f"{value:.4f}",
+                    "-" if after is None else f"{after:.4f}",
+                    "-" if p["router_recall"] is None else f"{p['router_recall']:.3f}",
+                    f"{p['seconds']:.0f}",
+                ]
+            )
+    return _bench.format_table(headers, rows)
+
+
+def plot_sweep(points: list[dict], path: Path) -> None:
+    """Quality against active FFN fraction per model, one line per method (dashed: after
+    recovery)."""
+    plt = _bench.pyplot()
+    if plt is None:
+        return
+    models = list(dict.fromkeys(p["model"] for p in points))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [p for p in points if p["model"] == model]
+        metric = mine[0]["metric"]
+        for i, method in enumerate(SWEEP_METHODS):
+            line = sorted(
+                (p for p in mine if p["method"] == method), key=lambda p: p["active_ffn_fraction"]
+            )
+            x = [p["active_ffn_fraction"] for p in line]
+            color = f"C{i}"
+            ax.plot(x, [p["no_recovery"][metric] for p in line], "o-", color=color, label=method)
+            if any(p["recovery"] for p in line):
+                ax.plot(
+                    x,
+                    [p["recovery"][metric] for p in line],
+                    "s--",
+                    color=color,
+                    label=f"{method}, recovered",
+                )
+        ax.set_xlabel("active FFN fraction")
+        ax.set_ylabel(metric.replace("_", " ") + (" (MoE / dense)" if "ratio" in metric else ""))
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Quality vs active FFN fraction (8 experts)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def _met(value: float, op: str | None, target: float | None) -> str:
@@ -91,6 +227,19 @@ def plot_loads(reports: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def chosen(listed: str, known: dict, what: str) -> list[str] | None:
+    """The comma-separated names of `listed`, or None (with a message) if one is unknown."""
+    names = [n for n in listed.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(
+            f"bench_quality: unknown {what} {unknown[0]!r}; choose from {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return None
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -98,14 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default="exported/bench/bench_quality.json")
     parser.add_argument("--png", default="exported/bench/bench_quality.png")
+    parser.add_argument(
+        "--sweep", action="store_true", help="quality vs active FFN fraction, per method"
+    )
+    parser.add_argument(
+        "--models", default=",".join(SWEEP_MODELS), help="with --sweep: comma-separated"
+    )
+    parser.add_argument(
+        "--recovery", action="store_true", help="with --sweep: also run each recipe's recovery"
+    )
     args = parser.parse_args(argv)
-    names = [n for n in args.recipes.split(",") if n]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        print(
-            f"bench_quality: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}",
-            file=sys.stderr,
-        )
+    if args.sweep:
+        return sweep_main(args)
+    names = chosen(args.recipes, RECIPES, "recipe")
+    if names is None:
         return 2
     missing = [
         RECIPES[n][0] for n in names if "tiny" in n and not Path("exported/tiny-lm").exists()
@@ -147,6 +302,28 @@ def main(argv: list[str] | None = None) -> int:
     _bench.write_json(args.json, {"machine": machine, "date": _bench.today(), "reports": reports})
     plot_loads(reports, Path(args.png))
     print(f"wrote {args.json} and {args.png}")
+    return 0
+
+
+def sweep_main(args) -> int:
+    models = chosen(args.models, SWEEP_MODELS, "model")
+    if models is None:
+        return 2
+    if "tiny-lm" in models and not Path("exported/tiny-lm").exists():
+        print(
+            "bench_quality: exported/tiny-lm is missing; build it with python scripts/train_tiny_lm.py",
+            file=sys.stderr,
+        )
+        return 2
+    machine = _bench.machine()
+    points = run_sweep(models, args.recovery)
+    print(sweep_table(points))
+    print(f"\nmachine: {_bench.machine_line(machine)}; date {_bench.today()}")
+    json_path = args.json.replace(".json", "_sweep.json")
+    png_path = args.png.replace(".png", "_sweep.png")
+    _bench.write_json(json_path, {"machine": machine, "date": _bench.today(), "points": points})
+    plot_sweep(points, Path(png_path))
+    print(f"wrote {json_path} and {png_path}")
     return 0
 
 

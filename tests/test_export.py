@@ -25,6 +25,7 @@ CASES = {
     "llama-dense": ("llama", "dense"),
     "llama-layer": ("llama", "layer"),
     "llama-pregate": ("llama", "pregate"),
+    "llama-analytic": ("llama", "analytic"),
     "gpt2-layer": ("gpt2", "layer"),
     "bert-dense": ("bert", "dense"),
     "bert-layer": ("bert", "layer"),
@@ -36,7 +37,8 @@ def make_model(family, router):
     if router == "dense":
         return tiny_model(family)
     torch.manual_seed(0)
-    _, moe, _ = convert_tiny(family, "uniform", router, combine="softmax")
+    strategy = "activation_rate" if router == "analytic" else "uniform"
+    _, moe, _ = convert_tiny(family, strategy, router, combine="softmax")
     return moe
 
 

@@ -91,7 +91,7 @@ def test_balanced_kmeans_separates_clear_clusters():
     g = torch.Generator().manual_seed(0)
     centers = torch.eye(3) * 10
     points = torch.cat([c + torch.randn(8, 3, generator=g) * 0.1 for c in centers])
-    labels = balanced_kmeans(points, [8, 8, 8], seed=0, iterations=20)
+    labels = balanced_kmeans(points, points[[0, 1, 2]], [8, 8, 8], iterations=20)
     for block in labels.split(8):
         assert len(set(block.tolist())) == 1
 

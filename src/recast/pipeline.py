@@ -41,6 +41,7 @@ from .refactor.info import MoEInfo
 from .refactor.moe import moe_layers
 from .refactor.partition import ModelPartition, align_layers
 from .routers import attach_routers
+from .routers.calibrate import calibrate_routers
 from .routers.train import oracle_routing, routing_quality, train_routers
 from .shards import shard_bytes
 from .stages import (
@@ -197,6 +198,7 @@ class Transformed:
     evaluator: Evaluator | None
     probe: list[list[int]]  # held-out (else calibration) sequences for output checks
     router_losses: list[float]
+    router_fit: dict  # the analytic router's linear fit per layer ({} unless `linear`)
     before_recovery: dict
     recovery: dict
 
@@ -228,11 +230,16 @@ def transform(
     log.info("building the MoE layers")
     model = build_moe(dense, partition, recipe)
     router_losses: list[float] = []
+    router_fit: dict = {}
     if recipe.router.trainable:  # fitted to the dense oracle on the calibration text (all domains)
         log.info("training the %s router on the dense oracle", recipe.router.kind)
         router_losses = train_routers(
             model, pooled(sequences), recipe.router, pad_id(dense), progress, seed=recipe.seed
         )
+    elif recipe.router.calibrated:
+        log.info("calibrating the analytic router")
+        fits = calibrate_routers(model, pooled(sequences), recipe.router, pad_id(dense), progress)
+        router_fit = {key: [fit[key] for fit in fits] for key in fits[0]}
     before, recovery = {}, {}
     if recipe.recover.steps:
         if evaluator is not None and evaluator.enabled:
@@ -259,7 +266,9 @@ def transform(
         raise TrainingError(
             f"parameter {name} is NaN or inf after training; lower router.lr or recover.lr"
         )
-    return Transformed(model, partition, evaluator, probe, router_losses, before, recovery)
+    return Transformed(
+        model, partition, evaluator, probe, router_losses, router_fit, before, recovery
+    )
 
 
 @errors_shared()  # under a launcher, an error on any process ends every one, reported once
@@ -334,7 +343,7 @@ def convert(
         recipe,
         dense.family.name,
         metrics,
-        evaluator.routing(model) if evaluator.enabled else {},
+        {**(evaluator.routing(model) if evaluator.enabled else {}), **done.router_fit},
         done.router_losses,
         before_recovery=done.before_recovery,
         recovery=done.recovery,

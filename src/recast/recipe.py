@@ -71,6 +71,16 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _ranking_for_analytic_router(self) -> Recipe:
+        if self.router.kind == "analytic" and self.experts.strategy != "activation_rate":
+            raise ValueError(
+                f"router.kind analytic scores experts by their representative neurons, which "
+                f"strategy {self.experts.strategy!r} does not rank: set experts.strategy: "
+                f"activation_rate"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _domains_match_experts(self) -> Recipe:
         if self.experts.strategy == "domain":
             domains = self.calibration.domains or {}

@@ -52,7 +52,8 @@ def pooled(sequences: dict[str, list[list[int]]]) -> list[list[int]]:
 
 def needs_calibration(recipe: Recipe) -> bool:
     """Whether the partition, the router or recovery needs calibration text."""
-    return recipe.experts.needs_stats or recipe.router.trainable or recipe.recover.steps > 0
+    r = recipe.router
+    return recipe.experts.needs_stats or r.trainable or r.calibrated or recipe.recover.steps > 0
 
 
 def pad_id(dense: DenseModel) -> int:

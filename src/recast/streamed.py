@@ -51,6 +51,7 @@ from .refactor.info import MoEInfo
 from .refactor.moe import MoEFFN
 from .refactor.partition import LayerAligner, ModelPartition, Partition
 from .routers import attach_routers
+from .routers.calibrate import calibrate_layer
 from .routers.train import RoutingTally, train_layer_gate
 from .shards import Checkpoint, read_header, shard_bytes, write_file
 from .stages import (
@@ -69,7 +70,7 @@ from .stream.work import StreamWork
 
 log = logging.getLogger("recast")
 
-STREAMED_ROUTERS = ("all", "oracle", "layer")
+STREAMED_ROUTERS = ("all", "oracle", "layer", "analytic")
 CPU = torch.device("cpu")  # embeddings and the head run here: they are needed once
 
 
@@ -218,8 +219,11 @@ class StreamedConversion:
             attach_routers(self.lazy.model, r.kind, e.top_k, e.combine, options, layers=[moe])
             self.format.prepare_layer(moe)  # trained under the output format's semantics
         with self._stage("router"):
-            losses = []
-            if r.trainable:
+            losses, fit = [], {}
+            if r.calibrated:
+                batches = self._router_batches(moe, cal_inputs, streams)
+                fit = calibrate_layer(moe, r.kind_options, [hidden for hidden, _ in batches])
+            elif r.trainable:
                 losses = train_layer_gate(
                     moe,
                     self._router_batches(moe, cal_inputs, streams),
@@ -243,11 +247,12 @@ class StreamedConversion:
             self._write_layer(index, layer, self._info([widths], bias))
             self.lazy.free(layer)
         return {
-            "partition": {"shared": partition.shared, "experts": partition.experts},
+            "partition": partition.to_json(),
             "widths": widths,
             "bias": bias,
             "count": vars(count),
             "router_losses": losses,
+            "router_fit": fit,
         }
 
     def _dense_pass(self, layer: nn.Module, index: int, streams: Streams):
@@ -375,10 +380,13 @@ class StreamedConversion:
         metrics = self._evaluate(streams, layers)
         losses = [sum(step) for step in zip(*(r["router_losses"] for r in layers), strict=True)]
         routing = self._routing(layers) if streams.evaluation else {}
+        routing.update(
+            {key: [r["router_fit"][key] for r in layers] for key in layers[0]["router_fit"]}
+        )
         report = run_report(recipe, self.family.name, metrics, routing, losses)
         partition = ModelPartition(
             recipe.experts.strategy,
-            [Partition(r["partition"]["shared"], r["partition"]["experts"]) for r in layers],
+            [Partition(**r["partition"]) for r in layers],
             partition_settings(recipe),
         )
         with atomic_directory(self.target, overwrite, inputs) as staging:

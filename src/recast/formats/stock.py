@@ -74,12 +74,16 @@ class StockFormat(OutputFormat):
     def cannot_express(
         self, *, router: str, router_options: dict, combine: str, shared: float
     ) -> str | None:
-        if router != "layer" or router_options.get("hidden", 0):
+        linear = (router == "layer" and not router_options.get("hidden", 0)) or (
+            router == "analytic" and router_options.get("linear", False)
+        )
+        if not linear:
             return (
                 f"output.format {self.name} routes each layer with a linear gate on its hidden "
                 f"state; it cannot express router.kind {router!r}"
                 f"{' with an MLP gate' if router == 'layer' else ''}: use router.kind: "
-                f"layer (hidden: 0) or output.format: recast"
+                f"layer (hidden: 0), router.kind: analytic with linear: true, or "
+                f"output.format: recast"
             )
         if combine not in self.combines:
             return (

@@ -81,7 +81,14 @@ def moe_from_dense(
             bank.mask[e, : len(ids)] = 1
     down_bias: Tensor | None = None if ffn.down_bias is None else ffn.down_bias.clone()
     shared = banks[0][0] if partition.shared else None
-    return MoEFFN(banks[-1][0], shared, down_bias, router, combine, index)
+    moe = MoEFFN(banks[-1][0], shared, down_bias, router, combine, index)
+    if partition.representatives:
+        positions = [{n: i for i, n in enumerate(ids)} for ids in partition.experts]
+        moe.representatives = [
+            [position[n] for n in ranked]
+            for position, ranked in zip(positions, partition.representatives, strict=True)
+        ]
+    return moe
 
 
 def activation_of(model: nn.Module, family: Family) -> str:

@@ -142,6 +142,9 @@ class MoEFFN(nn.Module):
         self.combine = combine
         self.layer_index = layer_index
         self.given_experts = None  # (fc1 list, fc2 list) while an offload graph is traced
+        # Per expert, the bank positions of its neurons, the best predictors of its activation
+        # mass first, where the partition ranks them (what router.kind analytic reads; not saved).
+        self.representatives: list[list[int]] | None = None
 
     @property
     def num_experts(self) -> int:

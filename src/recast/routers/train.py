@@ -80,6 +80,13 @@ class RouterSpec(Section):
     def trainable(self) -> bool:
         return ROUTERS.get(self.kind).trainable
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the router is set on calibration text without training (the analytic
+        router's balancing bias or fitted linear gate: `recast.routers.calibrate`)."""
+        options = self.kind_options
+        return self.kind == "analytic" and (options.balance_rate > 0 or options.linear)
+
 
 @dataclass
 class OracleBatch:
