@@ -25,6 +25,7 @@ and Spearman >= 0.95 at <= 0.5.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,14 +73,18 @@ def sweep_overrides(fraction: float, top_k: int, method: dict, recovery: bool) -
     }
 
 
-def run_sweep(models: list[str], recovery: bool) -> list[dict]:
+def run_sweep(
+    models: list[str], fractions: list[str], methods: list[str], recovery: bool
+) -> list[dict]:
     import recast
 
     points = []
     for model in models:
         recipe, metric = SWEEP_MODELS[model]
-        for fraction, top_k in SWEEP_POINTS.items():
-            for method, keys in SWEEP_METHODS.items():
+        for fraction in map(float, fractions):
+            top_k = SWEEP_POINTS[fraction]
+            for method in methods:
+                keys = SWEEP_METHODS[method]
                 print(f"sweep {model} {fraction} {method} ...", flush=True)
                 started = time.perf_counter()
                 result = recast.convert(
@@ -106,6 +111,7 @@ def run_sweep(models: list[str], recovery: bool) -> list[dict]:
                         "seconds": round(time.perf_counter() - started, 1),
                     }
                 )
+                print(json.dumps(points[-1]), flush=True)
     return points
 
 
@@ -256,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recovery", action="store_true", help="with --sweep: also run each recipe's recovery"
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(SWEEP_METHODS),
+        help="with --sweep: comma-separated, from those above",
+    )
+    parser.add_argument(
+        "--fractions",
+        default=",".join(map(str, SWEEP_POINTS)),
+        help="with --sweep: comma-separated active FFN fractions, from those above",
+    )
     args = parser.parse_args(argv)
     if args.sweep:
         return sweep_main(args)
@@ -316,7 +332,13 @@ def sweep_main(args) -> int:
         )
         return 2
     machine = _bench.machine()
-    points = run_sweep(models, args.recovery)
+    fractions = chosen(args.fractions, {str(f): f for f in SWEEP_POINTS}, "fraction")
+    if fractions is None:
+        return 2
+    methods = chosen(args.methods, SWEEP_METHODS, "method")
+    if methods is None:
+        return 2
+    points = run_sweep(models, fractions, methods, args.recovery)
     print(sweep_table(points))
     print(f"\nmachine: {_bench.machine_line(machine)}; date {_bench.today()}")
     json_path = args.json.replace(".json", "_sweep.json")

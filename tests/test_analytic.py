@@ -11,7 +11,12 @@ import recast
 from recast.errors import RecipeError, RoutingError
 from recast.refactor.calibrate import LayerStats
 from recast.refactor.moe import ExpertBank, moe_layers
-from recast.refactor.partition import LayerInput, activation_markers, partition_layer
+from recast.refactor.partition import (
+    LayerInput,
+    activation_markers,
+    partition_layer,
+    shared_budget,
+)
 from recast.routers import attach_routers
 from recast.routers.analytic import AnalyticOptions, AnalyticRouter, RepresentativeScores
 from recast.routers.calibrate import calibrate_layer
@@ -51,12 +56,9 @@ def test_balancing_bias_changes_the_choice_not_the_weights():
     torch.testing.assert_close(routing.weights, torch.tensor([[2 * 0.5 / 2.5, 2 * 2.0 / 2.5]]))
 
 
-def test_activation_rate_shares_the_most_active_neurons_and_ranks_each_expert():
-    torch.manual_seed(0)
-    reservoir = torch.randn(200, 24)
-    reservoir[:, [3, 17]] *= 10  # always among the largest: the highest activation rates
-    stats = LayerStats(
-        tokens=200,
+def stats_of(reservoir):
+    return LayerStats(
+        tokens=reservoir.shape[0],
         mean_abs=reservoir.abs().mean(0),
         mean=reservoir.mean(0),
         mean_sq=(reservoir**2).mean(0),
@@ -64,6 +66,13 @@ def test_activation_rate_shares_the_most_active_neurons_and_ranks_each_expert():
         domain_mean_abs={},
         reservoir=reservoir,
     )
+
+
+def test_activation_rate_shares_the_most_active_neurons_and_ranks_each_expert():
+    torch.manual_seed(0)
+    reservoir = torch.randn(200, 24)
+    reservoir[:, [3, 17]] *= 10  # always among the largest: the highest activation rates
+    stats = stats_of(reservoir)
     options = {"active_fraction": 0.25}
     partition = partition_layer(
         "activation_rate", LayerInput(0, torch.randn(24, 8), stats), 4, 2 / 24, 0, options
@@ -73,6 +82,34 @@ def test_activation_rate_shares_the_most_active_neurons_and_ranks_each_expert():
     partition.validate(24)  # also: the representatives rank each expert's neurons
     markers = activation_markers(reservoir, 0.25)
     assert markers.sum(1).eq(6).all()  # a quarter of 24 neurons active per token
+
+
+def test_shared_budget_goes_to_the_highest_rates_of_any_layer():
+    # active_fraction 0.25 of 8 neurons: 2 active per token. Layer 0's neurons 0-3 take turns
+    # (rate 0.5 each); layer 1's neurons 0 and 7 are the two largest on every token (rate 1).
+    first = torch.zeros(8, 8)
+    first[:, :4] = torch.tensor([[4.0, 3, 0, 0], [0, 0, 4, 3]]).repeat(4, 1)
+    second = torch.zeros(8, 8)
+    second[:, 0], second[:, 1:] = 9.0, torch.arange(7.0) / 10 - torch.arange(8.0)[:, None] / 100
+    budget = shared_budget([stats_of(first), stats_of(second)], [8, 8], 0.25, 2, 0.25)
+    assert budget == [2, 2]  # 0.25 of two 8-wide FFNs: layer 1's two, then two of layer 0's
+    # a layer never gives up the neurons its routed experts need
+    assert shared_budget([stats_of(first), stats_of(second)], [8, 8], 0.75, 4, 0.25) == [4, 4]
+
+
+def test_budgeted_shared_widths_keep_the_exact_refactor(tiny_moe):
+    dense, moe, _ = tiny_moe(
+        "llama", "activation_rate", top_k=4, options={"shared_widths": "budget"}
+    )
+    ids = token_batch(2, 9)
+    torch.testing.assert_close(outputs(moe, ids), outputs(dense, ids), rtol=1e-4, atol=1e-5)
+    recipe = tiny_recipe("llama", "activation_rate").model_dump(mode="json")
+    recipe["experts"]["options"] = {"shared_widths": "budget"}
+    recipe["output"] = {"format": "qwen2_moe"}
+    recipe["experts"]["combine"] = "softmax"
+    recipe["router"] = {"kind": "layer"}
+    with pytest.raises(RecipeError, match="shared_widths: fixed"):
+        recast.load_recipe(recipe)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -39,7 +39,7 @@ from .refactor.build import activation_of, convert_layers
 from .refactor.calibrate import LayerStats, calibrate
 from .refactor.info import MoEInfo
 from .refactor.moe import moe_layers
-from .refactor.partition import ModelPartition, align_layers
+from .refactor.partition import ModelPartition, align_layers, shared_budget
 from .routers import attach_routers
 from .routers.calibrate import calibrate_routers
 from .routers.train import oracle_routing, routing_quality, train_routers
@@ -97,9 +97,15 @@ def calibration_stats(
 def partition_model(
     model: nn.Module, family: Family, stats: list[LayerStats] | None, recipe: Recipe
 ) -> ModelPartition:
+    e, blocks = recipe.experts, layer_modules(model, family)
+    n_shared = [None] * len(blocks)
+    if getattr(e.strategy_options, "shared_widths", "fixed") == "budget":
+        widths = [dense_ffn(b, family, i).up.shape[0] for i, b in enumerate(blocks)]
+        options = e.strategy_options
+        n_shared = shared_budget(stats, widths, e.shared, e.count, options.active_fraction)
     layers = [
-        partition_one(layer, i, family, None if stats is None else stats[i], recipe)
-        for i, layer in enumerate(layer_modules(model, family))
+        partition_one(layer, i, family, None if stats is None else stats[i], recipe, n_shared[i])
+        for i, layer in enumerate(blocks)
     ]
     if getattr(recipe.experts.strategy_options, "align", False):
         layers = align_layers(layers, stats)

@@ -71,6 +71,16 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _one_shared_width_for_qwen2_moe(self) -> Recipe:
+        budget = getattr(self.experts.strategy_options, "shared_widths", "fixed") == "budget"
+        if budget and self.output.format == "qwen2_moe":
+            raise ValueError(
+                "output.format qwen2_moe has one shared expert width for every layer: set "
+                "experts.options.shared_widths: fixed (or output.format: recast)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _ranking_for_analytic_router(self) -> Recipe:
         if self.router.kind == "analytic" and self.experts.strategy != "activation_rate":
             raise ValueError(

@@ -66,8 +66,11 @@ def pad_id(dense: DenseModel) -> int:
     return 0 if pad is None else pad
 
 
-def partition_one(layer: nn.Module, index: int, family: Family, stats, recipe: Recipe):
-    """One layer's partition by the recipe's strategy (`stats`: that layer's, or None)."""
+def partition_one(
+    layer: nn.Module, index: int, family: Family, stats, recipe: Recipe, n_shared=None
+):
+    """One layer's partition by the recipe's strategy (`stats`: that layer's, or None;
+    `n_shared`: its shared expert's width, if not `experts.shared` of the FFN)."""
     e = recipe.experts
     ffn = dense_ffn(layer, family, index)
     weights = e.needs_weights and ffn.gate is not None
@@ -79,6 +82,7 @@ def partition_one(layer: nn.Module, index: int, family: Family, stats, recipe: R
         e.shared,
         recipe.seed,
         e.strategy_options,
+        n_shared,
     )
 
 

@@ -85,6 +85,11 @@ def refusal(recipe: Recipe) -> str | None:
         )
     if recipe.export is not None:
         return "the recipe's export: section exports the whole model (export the output after)"
+    if getattr(recipe.experts.strategy_options, "shared_widths", "fixed") == "budget":
+        return (
+            "experts.options.shared_widths: budget ranks every layer's neurons before the "
+            "first is split (set shared_widths: fixed)"
+        )
     return None
 
 

@@ -428,6 +428,9 @@ class ActivationRateOptions(AlignableOptions):
     active_fraction: float = Field(0.1, gt=0, le=1)
     # Rounds of balanced k-means on the neurons' activity patterns (CMoE: 1).
     iterations: int = Field(1, ge=1)
+    # fixed: every layer's shared expert is experts.shared of its FFN; budget: the same total
+    # of shared neurons, given to the neurons of highest activation rate in any layer.
+    shared_widths: Literal["fixed", "budget"] = "fixed"
 
 
 @strategy("activation_rate", ActivationRateOptions, needs_reservoir=lambda o: True)
@@ -451,6 +454,25 @@ def activation_rate(layer: LayerInput, count: int, n_shared: int, seed: int, opt
         ids[mass_correlation(layer.stats.reservoir[:, ids].abs())].tolist() for ids in experts
     ]
     return Partition(shared, [sorted(ids.tolist()) for ids in experts], ranked)
+
+
+def shared_budget(
+    stats: list[LayerStats], widths: list[int], shared: float, count: int, active_fraction: float
+) -> list[int]:
+    """Per layer, its shared expert's width when the model's shared neurons (as many as
+    `shared` of each FFN would give) go to the highest activation rates of any layer, each
+    layer keeping at least `count` neurons for its routed experts."""
+    budget = sum(round(w * shared) for w in widths)
+    rates = torch.cat([activation_markers(s.reservoir, active_fraction).mean(0) for s in stats])
+    layer_of = torch.cat([torch.full((w,), i) for i, w in enumerate(widths)])
+    taken = [0] * len(widths)
+    for layer in layer_of[torch.argsort(rates, descending=True, stable=True)].tolist():
+        if budget == 0:
+            break
+        if taken[layer] < widths[layer] - count:
+            taken[layer] += 1
+            budget -= 1
+    return taken
 
 
 def mass_correlation(magnitudes: Tensor) -> Tensor:
@@ -497,11 +519,12 @@ def partition_layer(
     shared: float,
     seed: int,
     options: StrategyOptions | dict,
+    n_shared: int | None = None,
 ) -> Partition:
     """Run strategy `name` on one layer and check the result covers every neuron once.
 
     `options` is the strategy's options model (as `ExpertsSpec.strategy_options` resolves it)
-    or a dict of its options."""
+    or a dict of its options; `n_shared`, the shared expert's width in place of `shared`'s."""
     chosen = STRATEGIES.get(name)
     opts = options if isinstance(options, StrategyOptions) else _options(name, chosen, options)
     if chosen.needs_stats and layer.stats is None:
@@ -512,7 +535,9 @@ def partition_layer(
             f"set calibration.reservoir above 1"
         )
     width = layer.up_rows.shape[0]
-    result = chosen.fn(layer, count, shared_count(width, shared, count), seed, opts)
+    if n_shared is None:
+        n_shared = shared_count(width, shared, count)
+    result = chosen.fn(layer, count, n_shared, seed, opts)
     result.validate(width)
     return result
 
