@@ -27,7 +27,14 @@ def test_all_experts_equal_dense(family, strategy, tiny_moe):
 
 def test_every_strategy_is_tested():
     """A new strategy must be covered by the exactness test (optimum `test_all_models_tested`)."""
-    assert set(STRATEGIES.names()) == {"uniform", "cluster", "coactivation", "importance", "domain"}
+    assert set(STRATEGIES.names()) == {
+        "uniform",
+        "cluster",
+        "coactivation",
+        "importance",
+        "domain",
+        "activation_rate",
+    }
 
 
 def _random_partition(width: int, shared: int, experts: int, rng: torch.Generator) -> Partition:
