@@ -61,9 +61,9 @@ class LayerCalibration:
         log of the (biased) choice scores, centred per token (softmax ignores a shift)."""
         router = self.router
         chosen = torch.softmax(router.scores(hidden), dim=-1) + router.bias
-        target = torch.log(chosen.clamp(min=1e-6)).double()
+        target = torch.log(chosen.clamp(min=1e-6)).double().cpu()  # the sums stay on the CPU
         target = target - target.mean(-1, keepdim=True)
-        x = hidden.double()
+        x = hidden.double().cpu()
         self.gram += x.T @ x
         self.cross += x.T @ target
         self.target_energy += float((target**2).sum())
