@@ -133,15 +133,21 @@ def test_attention_bias_is_refused_before_any_work(tmp_path):
 # --- The files on disk, against what each runtime's loader reads -----------------------------
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "mixtral-analytic"])
 def written(request, tmp_path_factory):
     """A stock output converted from a llama checkpoint whose head is tied to its embedding
-    (the case where a head tensor has to be written explicitly)."""
+    (the case where a head tensor has to be written explicitly); `-analytic`: routed by the
+    analytic router's fitted linear gate instead of a trained one."""
     from tiny_models import save_tied_llama
 
-    fmt, root = request.param, tmp_path_factory.mktemp(request.param)
+    fmt, _, router = request.param.partition("-")
+    root = tmp_path_factory.mktemp(request.param)
     save_tied_llama(root / "dense")
-    result = recast.convert(stock_recipe(root / "dense", fmt), out=root / "out", progress=False)
+    recipe = stock_recipe(root / "dense", fmt)
+    if router == "analytic":
+        recipe["experts"]["strategy"] = "activation_rate"
+        recipe["router"] = {"kind": "analytic", "linear": True, "balance_rate": 0.01}
+    result = recast.convert(recipe, out=root / "out", progress=False)
     return fmt, root / "out", result
 
 
