@@ -99,7 +99,7 @@ def partition_model(
 ) -> ModelPartition:
     e, blocks = recipe.experts, layer_modules(model, family)
     n_shared = [None] * len(blocks)
-    if getattr(e.strategy_options, "shared_widths", "fixed") == "budget":
+    if e.budgeted_shared_widths:
         widths = [dense_ffn(b, family, i).up.shape[0] for i, b in enumerate(blocks)]
         options = e.strategy_options
         n_shared = shared_budget(stats, widths, e.shared, e.count, options.active_fraction)

@@ -72,8 +72,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _one_shared_width_for_qwen2_moe(self) -> Recipe:
-        budget = getattr(self.experts.strategy_options, "shared_widths", "fixed") == "budget"
-        if budget and self.output.format == "qwen2_moe":
+        if self.experts.budgeted_shared_widths and self.output.format == "qwen2_moe":
             raise ValueError(
                 "output.format qwen2_moe has one shared expert width for every layer: set "
                 "experts.options.shared_widths: fixed (or output.format: recast)"

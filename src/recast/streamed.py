@@ -85,7 +85,7 @@ def refusal(recipe: Recipe) -> str | None:
         )
     if recipe.export is not None:
         return "the recipe's export: section exports the whole model (export the output after)"
-    if getattr(recipe.experts.strategy_options, "shared_widths", "fixed") == "budget":
+    if recipe.experts.budgeted_shared_widths:
         return (
             "experts.options.shared_widths: budget ranks every layer's neurons before the "
             "first is split (set shared_widths: fixed)"

@@ -203,6 +203,12 @@ class ExpertsSpec(Section):
         return STRATEGIES.get(self.strategy).needs_reservoir(self.strategy_options)
 
     @property
+    def budgeted_shared_widths(self) -> bool:
+        """Whether shared widths are set across layers (`shared_widths: budget`), which reads
+        every layer's statistics before the first is split."""
+        return getattr(self.strategy_options, "shared_widths", "fixed") == "budget"
+
+    @property
     def needs_weights(self) -> bool:
         return STRATEGIES.get(self.strategy).needs_weights(self.strategy_options)
 
