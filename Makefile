@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
 
-.PHONY: setup lock test-latest demo test test-all llama-cpp bench lint clean
+.PHONY: setup lock test-latest demo test test-all llama-cpp peers-venv bench lint clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,15 @@ test: setup
 test-all: setup llama-cpp
 	RECAST_LLAMA_CPP=$(LLAMA_CPP) $(BIN)/python -m pytest -q -m "slow or not slow"
 
+# The export peers of scripts/bench_peers.py in a venv of their own (optimum-onnx pins
+# transformers < 4.58): only their exports run there; every graph is timed in recast's venv.
+PEERS_VENV := exported/bench/peers-venv
+peers-venv: $(PEERS_VENV)/bin/optimum-cli
+$(PEERS_VENV)/bin/optimum-cli:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0 "transformers==4.57.*" \
+		"optimum-onnx[onnxruntime]==0.1.0"
+
 # llama.cpp, for the tests and benchmarks that run recast's outputs in it: llama-cpp-python
 # built from its PyPI sdist into the venv (about 10 minutes of compiling on 2 cores, so not
 # part of `make setup`), and the llama.cpp tree vendored in that sdist, whose
@@ -76,10 +85,11 @@ $(VENV)/.llama-cpp-$(LLAMA_CPP_PYTHON): $(STAMP)
 exported/tiny-lm: | setup
 	$(BIN)/python scripts/train_tiny_lm.py --out $@
 
-bench: setup exported/tiny-lm llama-cpp
+bench: setup exported/tiny-lm llama-cpp peers-venv
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_quality.py
 	$(BIN)/python scripts/bench_export.py
+	$(BIN)/python scripts/bench_peers.py
 	$(BIN)/python scripts/bench_serving.py
 	$(BIN)/python scripts/bench_fusion.py
 	$(BIN)/python scripts/bench_downstream.py

@@ -15,7 +15,10 @@ Targets (issue 3), at active FFN fraction <= 0.5:
 
 `--sweep` (issue 16) converts the tiny LM and MiniLM at active FFN fractions of about 0.25,
 0.35, 0.44, 0.5 and 0.75 (8 experts; top-k and the shared share chosen to land there) with
-each method of SWEEP_METHODS, and draws quality against active fraction, one line per method.
+each method of SWEEP_METHODS (the two best routers, the oracle, and the two routers with a
+rank-48 compensator for the experts they leave out: its parameters count as active, so those
+points sit a little right of the others), and draws quality against active fraction, one line
+per method.
 With `--recovery` each conversion also runs its recipe's recovery (the figures before it come
 from the same run); without, recovery is off. Targets with no recovery: tiny LM perplexity
 ratio <= 1.15 at <= 0.44 active; MiniLM cosine >= 0.90 at <= 0.5; after recovery MiniLM cosine
@@ -53,6 +56,16 @@ SWEEP_METHODS = {
         "router.kind": "analytic",
     },
     "per-layer oracle": {"experts.strategy": "activation_rate", "router.kind": "oracle"},
+    "cluster + gates + compensator": {
+        "experts.strategy": "cluster",
+        "router.kind": "layer",
+        "compensate.rank": 48,
+    },
+    "activation_rate + analytic + compensator": {
+        "experts.strategy": "activation_rate",
+        "router.kind": "analytic",
+        "compensate.rank": 48,
+    },
 }
 SWEEP_EXPERTS = 8
 SWEEP_POINTS = {0.25: 1, 0.35: 1, 0.44: 2, 0.5: 2, 0.75: 4}  # active fraction -> top-k

@@ -14,8 +14,14 @@ import torch
 import recast
 import recast.runtime
 from blocked_imports import run_without
-from recast.errors import BundleIntegrityError, ExportError, ParityError, RuntimeInputError
-from recast.export import lowerings
+from recast.errors import (
+    BundleIntegrityError,
+    ExportError,
+    ParityError,
+    RecipeError,
+    RuntimeInputError,
+)
+from recast.export import export_spec, lowerings
 from recast.export import onnx as onnx_export
 from recast.export.optimize import op_counts
 from tiny_models import VOCAB, convert_tiny, outputs, tiny_model, tiny_tokenizer, token_batch
@@ -460,7 +466,7 @@ def test_bundle_graph_is_standard_onnx_the_reference_evaluator_runs(bundles, cas
     torch's outputs to the parity tolerance."""
     from recast.refactor.moe import moe_layers
 
-    model, bundle = bundles(case)
+    model, bundle = bundles(case, graph="portable")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["graphs"]["model"]["requires"] == "onnx"
     session = recast.runtime.load(bundle, device="cpu")
@@ -489,7 +495,7 @@ def test_bundle_graph_is_standard_onnx_the_reference_evaluator_runs(bundles, cas
 def test_pregate_bundle_router_and_backbone_run_in_the_reference_evaluator(bundles):
     """Both graphs of a pre-gating bundle are standard ONNX; the backbone is given a routing
     that sends tokens to every expert."""
-    _, bundle = bundles("llama-pregate")
+    _, bundle = bundles("llama-pregate", graph="portable")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {g["requires"] for g in manifest["graphs"].values()} == {"onnx"}
     session = recast.runtime.load(bundle, device="cpu")
@@ -519,8 +525,8 @@ def test_fused_bundle_graph_runs_in_the_reference_evaluator(bundles, tmp_path):
     from recast.runtime.backends import OnnxGraph
     from recast.runtime.fused import example_feeds
 
-    _, dense = bundles("bert-dense")
-    _, moe = bundles("bert-layer")
+    _, dense = bundles("bert-dense", graph="portable")
+    _, moe = bundles("bert-layer", graph="portable")
     fused = recast.fuse({"dense": dense, "moe": moe}, tmp_path / "fused")
     manifest = json.loads((fused / "manifest.json").read_text())
     assert manifest["graphs"]["model"]["requires"] == "onnx"
@@ -530,6 +536,39 @@ def test_fused_bundle_graph_runs_in_the_reference_evaluator(bundles, tmp_path):
     reference_matches_onnxruntime(
         fused / "model.onnx", onnxruntime_outputs, feeds, manifest["parity"]["tolerance"]
     )
+
+
+# The fused operators onnxscript's rewriter makes of each tiny family's graphs (two layers):
+# attention, the residual adds with their norms, the final norm and, in BERT, the Gelu.
+FUSED = {
+    "llama-dense": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4},
+    "llama-layer": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4},
+    "gpt2-layer": {"MultiHeadAttention": 2, "SkipLayerNormalization": 5},
+    "bert-dense": {"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2},
+    "bert-layer": {"Attention": 2, "SkipLayerNormalization": 4, "Gelu": 2},
+}
+
+
+@pytest.mark.parametrize("case", FUSED)
+def test_default_bundle_has_onnxruntimes_transformer_kernels(bundles, case):
+    """Attention, skip-norm and Gelu fusions happen on dynamo graphs, dense and MoE; the
+    manifest counts them; the graph needs onnxruntime and passes the parity gate."""
+    _, bundle = bundles(case)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    graph = manifest["graphs"]["model"]
+    assert graph["fusions"].items() >= FUSED[case].items()
+    assert graph["requires"] == "onnxruntime"
+    nodes = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node
+    for op, count in graph["fusions"].items():
+        assert sum(n.op_type == op for n in nodes) == count
+    assert manifest["parity"]["passed"]
+
+
+def test_fused_graph_is_not_for_quantized_bundles():
+    with pytest.raises(RecipeError, match="graph: portable"):
+        export_spec({"graph": "fused", "quantize": "int8"})
+    assert not export_spec({"quantize": "int8"}).fused
+    assert export_spec({}).fused and not export_spec({"graph": "portable"}).fused
 
 
 def test_requires_names_onnxruntime_for_graphs_with_its_kernels(bundles):

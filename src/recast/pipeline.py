@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import data, streamed
 from .atomic import atomic_directory, check_output
@@ -37,12 +38,13 @@ from .recipe import Recipe, load_recipe
 from .recover import Checkpoints, recover
 from .refactor.build import activation_of, convert_layers
 from .refactor.calibrate import LayerStats, calibrate
+from .refactor.compensate import LayerFit
 from .refactor.info import MoEInfo
-from .refactor.moe import moe_layers
+from .refactor.moe import Routing, moe_layers
 from .refactor.partition import ModelPartition, align_layers, shared_budget
 from .routers import attach_routers
 from .routers.calibrate import calibrate_routers
-from .routers.train import oracle_routing, routing_quality, train_routers
+from .routers.train import dense_routing, oracle_routing, routing_quality, train_routers
 from .shards import shard_bytes
 from .stages import (
     calibration_sequences,
@@ -204,7 +206,7 @@ class Transformed:
     evaluator: Evaluator | None
     probe: list[list[int]]  # held-out (else calibration) sequences for output checks
     router_losses: list[float]
-    router_fit: dict  # the analytic router's linear fit per layer ({} unless `linear`)
+    layer_fits: dict  # per layer: the analytic linear gate's and the compensator's fits, if any
     before_recovery: dict
     recovery: dict
 
@@ -236,7 +238,7 @@ def transform(
     log.info("building the MoE layers")
     model = build_moe(dense, partition, recipe)
     router_losses: list[float] = []
-    router_fit: dict = {}
+    layer_fits: dict = {}
     if recipe.router.trainable:  # fitted to the dense oracle on the calibration text (all domains)
         log.info("training the %s router on the dense oracle", recipe.router.kind)
         router_losses = train_routers(
@@ -245,7 +247,10 @@ def transform(
     elif recipe.router.calibrated:
         log.info("calibrating the analytic router")
         fits = calibrate_routers(model, pooled(sequences), recipe.router, pad_id(dense), progress)
-        router_fit = {key: [fit[key] for fit in fits] for key in fits[0]}
+        layer_fits = {key: [fit[key] for fit in fits] for key in fits[0]}
+    if recipe.compensate.enabled:
+        log.info("fitting rank-%d compensators for the experts left out", recipe.compensate.rank)
+        layer_fits.update(compensate(model, pooled(sequences), recipe, pad_id(dense), progress))
     before, recovery = {}, {}
     if recipe.recover.steps:
         if evaluator is not None and evaluator.enabled:
@@ -273,8 +278,47 @@ def transform(
             f"parameter {name} is NaN or inf after training; lower router.lr or recover.lr"
         )
     return Transformed(
-        model, partition, evaluator, probe, router_losses, router_fit, before, recovery
+        model, partition, evaluator, probe, router_losses, layer_fits, before, recovery
     )
+
+
+def compensate(
+    model: nn.Module, sequences: list[list[int]], recipe: Recipe, pad: int, progress: bool
+) -> dict:
+    """Fit every layer's compensator at once on `sequences`; returns the fits per layer
+    (`compensator_r2`). Each layer is fitted on the inputs its dense FFN sees (the model runs
+    with every expert active) against what its own router would leave out of them."""
+    layers = moe_layers(model)
+    routers = [m.router for m in layers]  # dense_routing swaps them out while the model runs
+    fits = [LayerFit(m, recipe.compensate) for m in layers]
+    keep = None
+
+    def capture(index: int):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            routing = routers[index](x, module)  # every token: the pre-gating plan covers all
+            weights = None if routing.weights is None else routing.weights[keep]
+            fits[index].add(x[keep], Routing(routing.indices[keep], weights))
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_pre_hook(capture(i)) for i, m in enumerate(layers)]
+    device = next(model.parameters()).device
+    batches = data.padded_batches(sequences, recipe.router.batch_size, pad)
+    try:
+        with torch.no_grad(), dense_routing(model):
+            for ids, mask in tqdm(batches, desc="compensators", disable=not progress):
+                keep = mask.reshape(-1).bool().to(device)
+                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    results = [fit.finish() for fit in fits]
+    model.recast.compensator_ranks = [m.compensator.rank for m in layers]
+    return {key: [fit[key] for fit in results] for key in results[0]}
 
 
 @errors_shared()  # under a launcher, an error on any process ends every one, reported once
@@ -349,7 +393,7 @@ def convert(
         recipe,
         dense.family.name,
         metrics,
-        {**(evaluator.routing(model) if evaluator.enabled else {}), **done.router_fit},
+        {**(evaluator.routing(model) if evaluator.enabled else {}), **done.layer_fits},
         done.router_losses,
         before_recovery=done.before_recovery,
         recovery=done.recovery,

@@ -23,6 +23,7 @@ from .export.settings import ExportSpec
 from .formats import FORMATS, OutputSpec
 from .recover import RecoverSpec
 from .refactor.calibrate import CalibrationSpec
+from .refactor.compensate import CompensateSpec
 from .refactor.partition import ExpertsSpec
 from .routers.train import RouterSpec
 from .settings import Section, read_mapping, validated
@@ -35,6 +36,7 @@ class Recipe(Section):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    compensate: CompensateSpec = Field(default_factory=CompensateSpec)
     recover: RecoverSpec = Field(default_factory=RecoverSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -56,6 +58,7 @@ class Recipe(Section):
             router_options=self.router.options,
             combine=self.experts.combine,
             shared=self.experts.shared,
+            compensated=self.compensate.enabled,
         )
         if refusal is not None:
             raise ValueError(refusal)

@@ -51,9 +51,15 @@ def pooled(sequences: dict[str, list[list[int]]]) -> list[list[int]]:
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    """Whether the partition, the router or recovery needs calibration text."""
+    """Whether the partition, the router, the compensators or recovery need calibration text."""
     r = recipe.router
-    return recipe.experts.needs_stats or r.trainable or r.calibrated or recipe.recover.steps > 0
+    return (
+        recipe.experts.needs_stats
+        or r.trainable
+        or r.calibrated
+        or recipe.compensate.enabled
+        or recipe.recover.steps > 0
+    )
 
 
 def pad_id(dense: DenseModel) -> int:
@@ -128,6 +134,7 @@ def run_report(
         family=family,
         experts=recipe.experts.model_dump(),
         router=recipe.router.kind,
+        compensate=recipe.compensate.model_dump(),
         metrics=metrics,
         routing=routing,
         notes=notes(recipe),

@@ -47,6 +47,7 @@ from .models.surgery import dense_ffn, tied_weights
 from .recipe import Recipe
 from .refactor.build import activation_of, convert_layer
 from .refactor.calibrate import ActivationStats, return_freed_memory_to_the_system
+from .refactor.compensate import fit_layer
 from .refactor.info import MoEInfo
 from .refactor.moe import MoEFFN
 from .refactor.partition import LayerAligner, ModelPartition, Partition
@@ -225,18 +226,18 @@ class StreamedConversion:
             self.format.prepare_layer(moe)  # trained under the output format's semantics
         with self._stage("router"):
             losses, fit = [], {}
-            if r.calibrated:
+            batches = []
+            if r.calibrated or r.trainable or recipe.compensate.enabled:
                 batches = self._router_batches(moe, cal_inputs, streams)
+            if r.calibrated:
                 fit = calibrate_layer(moe, r.kind_options, [hidden for hidden, _ in batches])
             elif r.trainable:
                 losses = train_layer_gate(
-                    moe,
-                    self._router_batches(moe, cal_inputs, streams),
-                    r,
-                    recipe.seed,
-                    1 / len(self.lazy.layers),
-                    self.progress,
+                    moe, batches, r, recipe.seed, 1 / len(self.lazy.layers), self.progress
                 )
+            if recipe.compensate.enabled:  # fitted to what the router just learned to leave out
+                fit |= fit_layer(moe, recipe.compensate, [hidden for hidden, _ in batches])
+            del batches
             del cal_inputs
             # rounded as they will be stored, so the routing, the next layers' inputs and the
             # evaluation are those of the model written
@@ -491,7 +492,8 @@ class StreamedConversion:
 
     def _info(self, widths: list[tuple[int, int]], bias: bool, partition=None) -> MoEInfo:
         """The MoE layout of layers with these (routed, shared) widths."""
-        e, r = self.recipe.experts, self.recipe.router
+        e, r, c = self.recipe.experts, self.recipe.router, self.recipe.compensate
+        hidden = self.lazy.model.config.hidden_size
         return MoEInfo(
             family=self.family.name,
             num_experts=e.count,
@@ -504,6 +506,7 @@ class StreamedConversion:
             bias=bias,
             partition=partition,
             shared_gate=self.format.shared_gate,
+            compensator_ranks=[c.rank_for(hidden)] * len(widths) if c.enabled else [],
         )
 
     def _write_output(self, staging: Path, info: MoEInfo) -> None:

@@ -58,6 +58,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="auto",
         help="how MoE layers lower to ONNX (auto: gather on cpu, contrib on cuda)",
     )
+    parser.add_argument(
+        "--graph",
+        choices=["auto", "fused", "portable"],
+        default="auto",
+        help="onnx: fused (onnxruntime's attention, layer-norm and gelu kernels; the default "
+        "unless quantized) or portable (standard ONNX only, for any ONNX runtime)",
+    )
     parser.add_argument("--compile", action="store_true", help="pt2: add an AOTInductor package")
     parser.add_argument(
         "--offload",
@@ -89,6 +96,7 @@ def run(args) -> int:
         target=args.target,
         quantize=_quantize_setting(args),
         moe_op=args.moe_op,
+        graph=args.graph,
         compile=args.compile,
         offload=args.offload,
     )
@@ -115,6 +123,7 @@ def _run_gguf(args) -> int:
         "--quantize int8": args.quantize == "int8",
         "--expert-budget-mb": args.expert_budget_mb is not None,
         "--moe-op": args.moe_op != "auto",
+        "--graph": args.graph != "auto",
         "--compile": args.compile,
         "--offload": args.offload,
     }

@@ -14,7 +14,7 @@ from ..refactor.moe import ExpertBank, MoEFFN, moe_layers
 @dataclass
 class ParamCount:
     total: int
-    active: int  # per token: shared parts + the top-k experts' (unpadded) neurons
+    active: int  # per token: shared parts, compensator + the top-k experts' (unpadded) neurons
     ffn_total: int
     ffn_active: int
     router: int = 0  # parameters of the routers (per-layer gates or the pre-gating network)
@@ -57,6 +57,8 @@ def moe_count(moe: MoEFFN) -> tuple[int, int]:
     if moe.shared_gate is not None:
         shared += moe.shared_gate.weight.numel()
     bias = 0 if moe.down_bias is None else moe.down_bias.numel()
+    if moe.compensator is not None:  # runs on every token, like the shared expert
+        shared += sum(p.numel() for p in moe.compensator.parameters())
     total = sum(widths) * per + shared + bias
     k = moe.router.top_k
     active = round(k * sum(widths) / len(widths)) * per + shared + bias

@@ -38,6 +38,7 @@ class Report:
     family: str
     experts: dict
     router: str
+    compensate: dict = field(default_factory=dict)  # the recipe's compensate section
     metrics: dict[str, float] = field(default_factory=dict)
     routing: dict = field(default_factory=dict)
     before_recovery: dict = field(default_factory=dict)
@@ -52,6 +53,7 @@ class Report:
             "family": self.family,
             "experts": self.experts,
             "router": self.router,
+            "compensate": self.compensate,
             "metrics": self.metrics,
             "routing": self.routing,
             "before_recovery": self.before_recovery,
@@ -69,6 +71,8 @@ class Report:
             f"{self.name}: {self.family} -> {e['count']} experts (top-{e['top_k']}, "
             f"shared {e['shared']:.0%}, {e['strategy']}, {e['combine']}), router {self.router}"
         )
+        if self.compensate.get("rank"):
+            title += f", compensator rank {self.compensate['rank']}"
         rows = [
             (label, fmt.format(self.metrics[key]))
             for key, label, fmt in _ROWS
@@ -77,13 +81,17 @@ class Report:
         width = max(len(label) for label, _ in rows)
         lines = [title, "-" * len(title)]
         lines += [f"{label:<{width}}  {value:>14}" for label, value in rows]
-        if self.routing:
+        if "mean_recall" in self.routing:
             r = self.routing
             lines.append(f"{'router recall vs oracle (mean)':<{width}}  {r['mean_recall']:>14.3f}")
             lines.append(f"{'expert load CV (mean)':<{width}}  {r['mean_load_cv']:>14.3f}")
             lines.append(
                 f"{'oracle top-1 agreement across layers':<{width}}  {r['oracle_top1_agreement']:>14.3f}"
             )
+        fits = self.routing.get("compensator_r2")
+        if fits:
+            mean = sum(fits) / len(fits)
+            lines.append(f"{'compensator fit (mean R^2)':<{width}}  {mean:>14.3f}")
         if self.stock_check:
             check = self.stock_check
             lines.append(

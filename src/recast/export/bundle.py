@@ -156,7 +156,8 @@ def _check_exportable(model: nn.Module, spec: ExportSpec) -> None:
 def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec, tokenizer) -> dict:
     graphs = {}
     for name, traceable in traceables(model, offload=spec.offload).items():
-        quantization = compiled = None
+        compiled = None
+        made = {}  # what the manifest records of the ONNX graph (fusions, quantization)
         log.info("exporting %s graph (%s)", name, spec.format)
         file = f"{name}.{'pt2' if spec.format == 'pt2' else 'onnx'}"
         if spec.format == "pt2":
@@ -174,33 +175,41 @@ def _write_graphs(model: nn.Module, staging: Path, work: Path, spec: ExportSpec,
                 # per-expert quantization reads the expert weights out of the unfolded graph
                 fold=not isinstance(spec.quantize, QuantizeSpec),
             )
-            quantization = _final_graph(raw, staging / file, work, spec, name, model, tokenizer)
+            made = _final_graph(raw, staging / file, work, spec, name, model, tokenizer)
             inputs, outputs = onnx_io(staging / file)
         graphs[name] = {"file": file, "inputs": inputs, "outputs": outputs}
         if spec.format == "onnx":
             graphs[name]["requires"] = required_runtime(staging / file)
         if spec.format == "pt2" and compiled is not None:
             graphs[name]["compiled"] = compiled.name  # what the runtime runs
-        if quantization is not None:
-            graphs[name]["quantization"] = quantization
+        graphs[name].update(made)
     return graphs
 
 
 def _final_graph(
     raw: Path, final: Path, work: Path, spec: ExportSpec, name: str, model, tokenizer
-) -> dict | None:
-    """The raw graph at `final`, in the target's precision (and quantized, if asked); returns
-    the quantization report, if any."""
+) -> dict:
+    """The raw graph at `final`, in the target's precision (fused or quantized, if asked);
+    returns what the manifest records of it (`fusions`, `quantization`)."""
     if spec.target == "cuda":
         from .optimize import to_fp16
 
         raw = to_fp16(raw, work / f"{name}.fp16.onnx")
+    stacked = set(stacked_expert_weights(model))
     if spec.quantize is None or name == "router":  # the router is tiny and decides routing
-        # standard ONNX: onnxruntime fuses it when a session opens; each expert's weight
-        # stored apart, so that opening it folds no copy of them
-        if not split_expert_weights(raw, final, set(stacked_expert_weights(model))):
-            save_graph(raw, final)
-        return None
+        # each expert's weight stored apart, so that opening the graph folds no copy of them
+        if not spec.fused:  # standard ONNX: onnxruntime optimizes it when a session opens
+            if not split_expert_weights(raw, final, stacked):
+                save_graph(raw, final)
+            return {}
+        from .fusions import fuse_for_ort
+
+        split = work / f"{name}.split.onnx"
+        return {
+            "fusions": fuse_for_ort(
+                split if split_expert_weights(raw, split, stacked) else raw, final
+            )
+        }
     from .optimize import optimize
     from .quantize import quantize_int8, router_nodes
 
@@ -214,7 +223,7 @@ def _final_graph(
         optimize(raw, folded, spec.target, level="basic")  # folding exposes the weights
         report = quantize_int8(folded, quantized, keep_fp32=router_nodes(raw))
     optimize(quantized, final, spec.target)
-    return report
+    return {"quantization": report}
 
 
 def onnx_io(path: Path) -> tuple[list[dict], list[dict]]:

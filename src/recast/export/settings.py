@@ -30,6 +30,10 @@ class ExportSpec(Section):
     moe_op: Literal["auto", "gather", "contrib"] = "auto"  # auto: gather on cpu, contrib on cuda
     compile: bool = False  # pt2: also an AOTInductor package
     offload: bool = False  # also store each expert on its own (experts/), for expert caching
+    # fused: onnxruntime's transformer kernels (attention, skip layer norm, bias-gelu, rotary;
+    # export/fusions.py); portable: standard ONNX only, which any ONNX runtime runs. auto:
+    # fused unless quantized (the quantizers work on the unfused graph's MatMuls).
+    graph: Literal["auto", "fused", "portable"] = "auto"
     dir: str | None = None  # default: <output dir>-<format>
 
     @field_validator("quantize", mode="wrap")
@@ -52,9 +56,20 @@ class ExportSpec(Section):
             raise ValueError("offload is for fp32 onnx bundles (no quantize, no pt2)")
         if self.offload and self.resolved_moe_op == "contrib":
             raise ValueError("offload feeds experts one by one: it needs moe_op: gather")
+        if self.graph != "auto" and self.format != "onnx":
+            raise ValueError("graph chooses the ONNX graph's operators; pt2 has no graph option")
+        if self.graph == "fused" and self.quantize is not None:
+            raise ValueError("quantize works on the unfused graph's MatMuls: graph: portable")
         if isinstance(self.quantize, QuantizeSpec) and self.moe_op == "contrib":
             raise ValueError("per-expert bitwidths need moe_op: gather (one matmul per expert)")
         return self
+
+    @property
+    def fused(self) -> bool:
+        """Whether the ONNX graphs get onnxruntime's transformer fusions."""
+        if self.graph == "auto":
+            return self.format == "onnx" and self.quantize is None
+        return self.graph == "fused"
 
     @property
     def resolved_moe_op(self) -> str:

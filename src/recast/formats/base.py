@@ -48,7 +48,13 @@ class OutputFormat:
     name: ClassVar[str]
 
     def cannot_express(
-        self, *, router: str, router_options: dict, combine: str, shared: float
+        self,
+        *,
+        router: str,
+        router_options: dict,
+        combine: str,
+        shared: float,
+        compensated: bool = False,
     ) -> str | None:
         """Why this format cannot hold the MoE a recipe with these settings builds (the
         recipe's error message), or None if it can. `router_options` are the router kind's

@@ -23,6 +23,7 @@ from ..atomic import atomic_directory
 from ..errors import FormatError, ModelLoadError
 from ..models.families import Family, family_for
 from ..models.surgery import layer_modules, replace_module, tied_weights
+from ..refactor.compensate import Compensator
 from ..refactor.info import MoEInfo
 from ..refactor.moe import ExpertBank, MoEFFN
 from ..refactor.partition import ModelPartition
@@ -133,6 +134,8 @@ def install_skeleton(
         if info.shared_gate and shared is not None:
             gate = nn.Linear(hidden, 1, bias=False, dtype=dtype)
         moe = MoEFFN(experts, shared, down_bias, None, info.combine, i, gate)
+        if info.compensator_ranks and info.compensator_ranks[i]:
+            moe.compensator = Compensator(hidden, info.compensator_ranks[i], dtype)
         replace_module(layer, family.ffn, moe)
         for path in family.identity:
             replace_module(layer, path, nn.Identity())

@@ -72,7 +72,13 @@ class StockFormat(OutputFormat):
     checked = True
 
     def cannot_express(
-        self, *, router: str, router_options: dict, combine: str, shared: float
+        self,
+        *,
+        router: str,
+        router_options: dict,
+        combine: str,
+        shared: float,
+        compensated: bool = False,
     ) -> str | None:
         linear = (router == "layer" and not router_options.get("hidden", 0)) or (
             router == "analytic" and router_options.get("linear", False)
@@ -85,12 +91,21 @@ class StockFormat(OutputFormat):
                 f"layer (hidden: 0), router.kind: analytic with linear: true, or "
                 f"output.format: recast"
             )
+        if compensated:
+            return self.compensator_refusal
         if combine not in self.combines:
             return (
                 f"output.format {self.name} weights experts by softmax: "
                 f"set experts.combine: {' or '.join(self.combines)}"
             )
         return self.shared_expert_refusal(shared)
+
+    @property
+    def compensator_refusal(self) -> str:
+        return (
+            f"output.format {self.name} has no place for a compensator (a linear map beside the "
+            f"experts): set compensate.rank: 0 or output.format: recast"
+        )
 
     def shared_expert_refusal(self, shared: float) -> str | None:
         """Why the format cannot hold a shared expert of `shared` (its fraction of the FFN)."""
@@ -133,6 +148,8 @@ class StockFormat(OutputFormat):
         ffn_prefix = f"{prefix}{family.ffn}."
         ffn = {k.removeprefix(ffn_prefix): v for k, v in state.items() if k.startswith(ffn_prefix)}
         out = {k: v for k, v in state.items() if not k.startswith(ffn_prefix)}
+        if "compensator.down.weight" in ffn:
+            raise FormatError(self.compensator_refusal)
         width = expert_width(info)
         p = prefix + self.moe_block
         gate_name, up_name, down_name = self.expert_names

@@ -5,7 +5,7 @@ Building records it, attaching routers updates it, and every output format write
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -27,6 +27,7 @@ class MoEInfo:
     activation: str
     bias: bool  # projections carry biases (GPT-2, BERT, Llama with mlp_bias)
     shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    compensator_ranks: list[int] = field(default_factory=list)  # per layer; [] when none
     partition: ModelPartition | None = None
 
     def to_json(self) -> dict:

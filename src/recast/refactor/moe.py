@@ -145,6 +145,8 @@ class MoEFFN(nn.Module):
         # Per expert, the bank positions of its neurons, the best predictors of its activation
         # mass first, where the partition ranks them (what router.kind analytic reads; not saved).
         self.representatives: list[list[int]] | None = None
+        # x -> what the experts left out would add (refactor.compensate; fitted after routing)
+        self.compensator: nn.Module | None = None
 
     @property
     def num_experts(self) -> int:
@@ -166,6 +168,8 @@ class MoEFFN(nn.Module):
             )
         routing = self.router(x, self)
         out = self.routed(x, routing)
+        if self.compensator is not None and routing.indices.shape[1] < self.num_experts:
+            out = out + self.compensator(x)  # with every expert selected none is left out
         if self.shared is not None:
             shared = self.shared(x, 0)
             if self.shared_gate is not None:
@@ -238,9 +242,11 @@ class MoEFFN(nn.Module):
 
     def extra_repr(self) -> str:
         shared = 0 if self.shared is None else self.shared.widths[0]
+        rank = 0 if self.compensator is None else self.compensator.rank
         return (
             f"layer={self.layer_index}, experts={self.num_experts}x{self.bank.width}, "
             f"shared={shared}, router={getattr(self.router, 'kind', None)}, combine={self.combine}"
+            f", compensator rank={rank}"
         )
 
 

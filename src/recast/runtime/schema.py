@@ -62,6 +62,7 @@ class Graph(TypedDict):
     quantization: NotRequired[dict | None]
     # ONNX graphs: "onnx" (standard operators only) or "onnxruntime" (com.microsoft kernels)
     requires: NotRequired[Literal["onnx", "onnxruntime"]]
+    fusions: NotRequired[dict[str, Count]]  # graph: fused: onnxruntime's fused operators by kind
 
 
 class Cache(TypedDict):
