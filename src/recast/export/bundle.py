@@ -195,8 +195,8 @@ def _final_graph(
         from .optimize import to_fp16
 
         raw = to_fp16(raw, work / f"{name}.fp16.onnx")
-    stacked = set(stacked_expert_weights(model))
     if spec.quantize is None or name == "router":  # the router is tiny and decides routing
+        stacked = set(stacked_expert_weights(model))
         # each expert's weight stored apart, so that opening the graph folds no copy of them
         if not spec.fused:  # standard ONNX: onnxruntime optimizes it when a session opens
             if not split_expert_weights(raw, final, stacked):

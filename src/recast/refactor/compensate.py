@@ -5,8 +5,8 @@ selected ones. Much of what the others would have added is a linear function of 
 hidden state, so each layer gets a low-rank linear map from its FFN input to the summed
 output of the experts its router did not select, fitted by least squares on calibration
 tokens: no gradient steps, a few percent of the FFN's multiply-adds (rank 48 on MiniLM's
-384-wide layers: 3%), and on MiniLM at 0.44 active FFN it lifts embedding cosine from 0.77 to
-0.90 before any recovery (docs/PERFORMANCE.md, "Compensation").
+384-wide layers: 3%), and on MiniLM at 0.46 active FFN it lifts embedding cosine from 0.76 to
+0.91 before any recovery (docs/PERFORMANCE.md, "Quality vs active FFN fraction").
 
 The fit is reduced-rank regression: the ridge least-squares map `W` (centred, `[H, H]`), then
 the rank-`r` map closest to it in what it predicts on the calibration inputs, `W V_r V_r^T`
