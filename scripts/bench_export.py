@@ -53,11 +53,46 @@ def multiply_adds(model, length: int) -> int:
     return counts.active - lookups + attention
 
 
-def build(length: int) -> dict:
-    """Export every bundle (skipping those already there); returns {name: facts}."""
+def decoder_checkpoint() -> Path:
+    """The random FFN-heavy decoder (DECODER), saved once with the tiny LM's tokenizer."""
     import torch
     import transformers
 
+    if not TOKENIZER.exists():
+        raise SystemExit("run `make exported/tiny-lm` first (its tokenizer calibrates the MoE)")
+    where = ROOT / "decoder-checkpoint"
+    if not (where / "config.json").exists():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**DECODER)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(where)
+        transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(where)
+    return where
+
+
+def decoder_moe(router: str):
+    """The decoder refactored to MOE with `router`, saved once."""
+    import recast
+    from recast.models.load import load_dense
+
+    saved = ROOT / f"decoder-moe-{router}-model"
+    if (saved / "config.json").exists():
+        return recast.load(saved)
+    dense = load_dense(str(decoder_checkpoint()))
+    moe = recast.refactor(
+        dense.model,
+        tokenizer=dense.tokenizer,
+        router=router,
+        router_options={"steps": 40},
+        progress=False,
+        **MOE,
+    )
+    recast.save(moe, saved)
+    return moe
+
+
+def build(length: int) -> dict:
+    """Export every bundle (skipping those already there); returns {name: facts}."""
     import recast
     from recast.models.load import load_dense
 
@@ -72,33 +107,12 @@ def build(length: int) -> dict:
             print(f"  exported {name} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         built[name] = {"kind": kind, "macs_per_token": multiply_adds(model, length)}
 
-    if not TOKENIZER.exists():
-        raise SystemExit("run `make exported/tiny-lm` first (its tokenizer calibrates the MoE)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
-    dense_dir = ROOT / "decoder-checkpoint"
-    if not (dense_dir / "config.json").exists():
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(**DECODER)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(dense_dir)
-        tokenizer.save_pretrained(dense_dir)
-    dense = load_dense(str(dense_dir)).model
+    decoder = load_dense(str(decoder_checkpoint()))
+    dense, tokenizer = decoder.model, decoder.tokenizer
     export("decoder-dense", dense, {}, tokenizer, "decoder")
     export("decoder-dense-int8", dense, {"quantize": "int8"}, tokenizer, "decoder")
     for router in ("layer", "pregate"):
-        saved = ROOT / f"decoder-moe-{router}-model"
-        if (saved / "config.json").exists():
-            moe = recast.load(saved)
-        else:
-            moe = recast.refactor(
-                load_dense(str(dense_dir)).model,
-                tokenizer=tokenizer,
-                router=router,
-                router_options={"steps": 40},
-                progress=False,
-                **MOE,
-            )
-            recast.save(moe, saved)
+        moe = decoder_moe(router)
         export(f"decoder-moe-{router}", moe, {}, tokenizer, "decoder")
         if router == "layer":
             export("decoder-moe-layer-contrib", moe, {"moe_op": "contrib"}, tokenizer, "decoder")

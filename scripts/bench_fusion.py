@@ -12,16 +12,22 @@ Scenarios (every model exported to ONNX with torch.onnx, then fused with `recast
   the same tasks and merged into four separate models.
 
 The separate baseline loads each model's graph, optimized by onnxruntime at the same level as
-the fused one, into its own session and runs them one after another; both use onnxruntime's
-default session settings. Each measurement runs in a fresh process: cold load (the files are
-first dropped from the page cache, then sessions are created and run once), resident memory
-after that and again after the throughput run (RSS minus the process's RSS before loading),
-latency p50 of one request (every model on one input, batch 1) and throughput (requests per
-second at batch `--batch`). Each side is measured with onnxruntime's thread-pool spinning on
-and off, and reported at its better setting (by throughput); all runs are in the JSON.
+the fused one, into its own session and runs them one after another; the peer a user would
+build with onnx alone (`compose`) is `onnx.compose.merge_models` of the same files, identical
+inputs fed once and identical initializers stored once (a content-hash dedup), in one session,
+where onnxruntime's common-subexpression pass shares what the deduplicated weights compute.
+All use onnxruntime's default session settings. Each measurement runs in a fresh process:
+cold load (the files are first dropped from the page cache, then sessions are created and run
+once), resident memory after that and again after the throughput run (RSS minus the process's
+RSS before loading), latency p50 of one request (every model on one input, batch 1) and
+throughput (requests per second at batch `--batch`). Each side is measured with onnxruntime's
+thread-pool spinning on and off and, where it has several sessions, with one thread pool
+shared by all of them (spinning); it is reported at its best setting (by throughput); all runs
+are in the JSON.
 
 Targets (issue 6): hetero faster and smaller than separate by more than FusedInf's 14% / 17%;
-tasks: >= 2.5x throughput and >= 60% less weight memory.
+tasks: >= 2.5x throughput and >= 60% less weight memory; issue 17: tasks >= 1.25x the
+throughput of compose + dedup at batch 8.
 """
 
 from __future__ import annotations
@@ -52,7 +58,13 @@ one = [dict(np.load(f)) for f in p["feeds_one"]]
 batch = [dict(np.load(f)) for f in p["feeds_batch"]]
 options = ort.SessionOptions()
 options.log_severity_level = 3
-options.add_session_config_entry("session.intra_op.allow_spinning", str(int(p["spin"])))
+if p["setting"] == "shared pool":  # one spinning pool for every session of the process
+    from onnxruntime.capi import _pybind_state
+    _pybind_state.set_global_thread_pool_sizes(os.cpu_count(), 1)
+    options.use_per_session_threads = False
+else:
+    spin = str(int(p["setting"] == "spin"))
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
 rss0 = _bench.rss_bytes()
 start = time.perf_counter()
 sessions = [ort.InferenceSession(g, options, providers=["CPUExecutionProvider"]) for g in p["graphs"]]
@@ -81,10 +93,11 @@ _bench.emit({"load_s": load, "rss": rss, "rss_serving": _bench.rss_bytes() - rss
 """
 
 
-# onnxruntime's thread-pool spinning, tried on and off for each side: the spinning threads of
-# idle separate sessions compete with the running one on a small CPU. (Parallel execution of a
-# fused graph's independent branches was slower on 2 cores at every scenario: 0.4-0.5x.)
-SPINNING = (True, False)
+# onnxruntime's thread settings, each tried for each side: the spinning threads of idle separate
+# sessions compete with the running one on a small CPU, unless the sessions share one pool
+# (tried only where a side has several sessions). (Parallel execution of a fused graph's
+# independent branches was slower on 2 cores at every scenario: 0.4-0.5x.)
+SETTINGS = ("spin", "no spin", "shared pool")
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -261,9 +274,46 @@ def build(scenario: str, args) -> dict:
         files[name] = str(where / f"{name}.onnx")
         optimize(Path(files[name]), where / "separate" / f"{name}.onnx", "cpu")
     recast.fuse(files, bundle, png=where / "fused.png", overwrite=True)
-    facts = {"files": files, "bundle": str(bundle)}
+    compose_with_dedup(files, where / "compose.onnx")
+    facts = {"files": files, "bundle": str(bundle), "compose": str(where / "compose.onnx")}
     _bench.write_json(where / "build.json", facts)
     return facts
+
+
+def compose_with_dedup(files: dict[str, str], target: Path) -> None:
+    """The fusion peer: the models merged by `onnx.compose` (names prefixed by model), every
+    input name the models share fed once, and initializers of equal content stored once."""
+    import hashlib
+
+    import onnx
+    from onnx import compose, numpy_helper
+
+    merged = None
+    for name, path in files.items():
+        model = compose.add_prefix(onnx.load(path), f"{name}/")
+        merged = model if merged is None else compose.merge_models(merged, model, io_map=[])
+    graph = merged.graph
+    rename, inputs = {}, {}
+    for value in list(graph.input):  # "<model>/input_ids" -> "input_ids", fed once
+        original = value.name.split("/", 1)[1]
+        rename[value.name] = original
+        if original in inputs:
+            graph.input.remove(value)
+        else:
+            inputs[original] = value
+            value.name = original
+    first_of = {}
+    for tensor in list(graph.initializer):
+        array = numpy_helper.to_array(tensor)
+        key = hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).digest()
+        if key in first_of:
+            rename[tensor.name] = first_of[key]
+            graph.initializer.remove(tensor)
+        else:
+            first_of[key] = tensor.name
+    for node in graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    onnx.save(merged, target, save_as_external_data=True, location=target.name + ".data")
 
 
 def feeds(fusion: dict, batch: int, where: Path) -> dict[str, list[str]]:
@@ -277,10 +327,15 @@ def feeds(fusion: dict, batch: int, where: Path) -> dict[str, list[str]]:
     fused = {k: np.ascontiguousarray(v) for k, v in fused.items()}
     paths = {"fused": [str(where / f"fused-{batch}.npz")], "separate": []}
     np.savez(paths["fused"][0], **fused)
+    merged = {}  # compose: the models' inputs under their own names, shared ones once
     for name, entry in fusion["models"].items():
         path = where / f"{name}-{batch}.npz"
-        np.savez(path, **{own: fused[f] for own, f in entry["inputs"].items()})
+        own = {own: fused[f] for own, f in entry["inputs"].items()}
+        np.savez(path, **own)
         paths["separate"].append(str(path))
+        merged.update(own)
+    paths["compose"] = [str(where / f"compose-{batch}.npz")]
+    np.savez(paths["compose"][0], **merged)
     return paths
 
 
@@ -293,12 +348,20 @@ def measure(scenario: str, facts: dict, args) -> dict:
     manifest = json.loads((bundle / "manifest.json").read_text())
     one, many = feeds(manifest["fusion"], 1, where), feeds(manifest["fusion"], args.batch, where)
     separate = [str(where / "separate" / f"{n}.onnx") for n in facts["files"]]
-    graphs = {"separate": separate, "fused": [str(bundle / "model.onnx")]}
-    results = {"parity": manifest["parity"]["max_error"], "report": manifest["fusion"]["report"]}
+    graphs = {
+        "separate": separate,
+        "compose": [facts["compose"]],
+        "fused": [str(bundle / "model.onnx")],
+    }
+    results = {
+        "parity": manifest["parity"]["max_error"],
+        "compose_parity": compose_parity(separate, facts["compose"], one["separate"]),
+        "report": manifest["fusion"]["report"],
+    }
     for mode, paths in graphs.items():
         files = [f for g in paths for f in (g, g + ".data") if Path(f).is_file()]
         runs = []
-        for spin in SPINNING:
+        for setting in SETTINGS if len(paths) > 1 else SETTINGS[:2]:
             run = _bench.run_snippet(
                 MEASURE,
                 {
@@ -309,10 +372,10 @@ def measure(scenario: str, facts: dict, args) -> dict:
                     "repeat": args.repeat,
                     "batch": args.batch,
                     "seconds": args.seconds,
-                    "spin": spin,
+                    "setting": setting,
                 },
             )
-            runs.append({**run, "spin": spin})
+            runs.append({**run, "setting": setting})
             print(f"  {scenario} {mode}: {json.dumps(runs[-1])}")
         # each side at its best onnxruntime settings (by throughput); all runs are kept
         best = max(runs, key=lambda r: r["throughput"])
@@ -323,37 +386,57 @@ def measure(scenario: str, facts: dict, args) -> dict:
 
 def table(results: dict) -> str:
     headers = [
-        "scenario", "weights MiB sep/fused", "RSS loaded MiB", "RSS serving MiB", "cold load ms",
-        "latency p50 ms", "req/s", "ops computed once", "parity", "spinning",
+        "scenario", "weights MiB", "RSS loaded MiB", "RSS serving MiB", "cold load ms",
+        "latency p50 ms", "req/s", "ops computed once", "parity fused / compose", "threads",
     ]  # fmt: skip
     rows = []
     for scenario, r in results.items():
-        s, f = r["separate"], r["fused"]
+        s, c, f = r["separate"], r["compose"], r["fused"]
 
-        def pair(key, scale=1.0, digits=0, higher_is_better=False, r_s=s, r_f=f):
-            a, b = r_s[key] * scale, r_f[key] * scale
-            ratio = b / a if higher_is_better else a / b
-            return f"{a:,.{digits}f} / {b:,.{digits}f} ({ratio:.2f}x)"
+        def cell(key, scale=1.0, digits=0, higher_is_better=False, r=r):
+            a, b, x = (r[m][key] * scale for m in ("separate", "compose", "fused"))
+            over = (lambda base: x / base) if higher_is_better else (lambda base: base / x)
+            values = " / ".join(f"{v:,.{digits}f}" for v in (a, b, x))
+            return f"{values} ({over(a):.2f}x, {over(b):.2f}x)"
 
         rows.append(
             [
                 scenario,
-                pair("weight_bytes", 1 / _bench.MB),
-                pair("rss", 1 / _bench.MB),
-                pair("rss_serving", 1 / _bench.MB),
-                pair("load_s", 1e3),
-                pair("latency_ms", 1, 1),
-                pair("throughput", 1, 1, higher_is_better=True),
+                cell("weight_bytes", 1 / _bench.MB),
+                cell("rss", 1 / _bench.MB),
+                cell("rss_serving", 1 / _bench.MB),
+                cell("load_s", 1e3),
+                cell("latency_ms", 1, 1),
+                cell("throughput", 1, 1, higher_is_better=True),
                 r["report"]["shared_ops"],
-                f"{r['parity']:.1e}",
-                f"{_setting(s)} / {_setting(f)}",
+                f"{r['parity']:.1e} / {r['compose_parity']:.1e}",
+                " / ".join(run["setting"] for run in (s, c, f)),
             ]
         )
     return _bench.format_table(headers, rows)
 
 
-def _setting(run: dict) -> str:
-    return "spin" if run["spin"] else "no spin"
+def compose_parity(separate: list[str], compose: str, feeds: list[str]) -> float:
+    """Largest difference between the composed graph's outputs and each model's own."""
+    import numpy as np
+    import onnxruntime as ort
+
+    merged = ort.InferenceSession(compose, providers=["CPUExecutionProvider"])
+    shared = {}
+    for path in feeds:
+        shared.update(np.load(path))
+    outputs = dict(
+        zip([o.name for o in merged.get_outputs()], merged.run(None, shared), strict=True)
+    )
+    worst = 0.0
+    for graph, path in zip(separate, feeds, strict=True):
+        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        prefix = Path(graph).stem
+        for output, value in zip(
+            session.get_outputs(), session.run(None, dict(np.load(path))), strict=True
+        ):
+            worst = max(worst, float(np.abs(outputs[f"{prefix}/{output.name}"] - value).max()))
+    return worst
 
 
 def plot(results: dict, path: Path) -> None:
@@ -368,19 +451,21 @@ def plot(results: dict, path: Path) -> None:
         ("latency_ms", "latency", False),
         ("throughput", "throughput", True),
     ]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
     width = 0.8 / len(results)
-    for i, (scenario, r) in enumerate(results.items()):
-        ratios = [
-            (r["fused"][k] / r["separate"][k]) if up else (r["separate"][k] / r["fused"][k])
-            for k, _, up in measures
-        ]
-        ax.bar([x + i * width for x in range(len(measures))], ratios, width, label=scenario)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(measures))])
-    ax.set_xticklabels([label for _, label, _ in measures])
-    ax.set_ylabel("fused advantage (x; above 1: fused better)")
-    ax.legend()
+    for ax, baseline in zip(axes, ("separate", "compose"), strict=True):
+        for i, (scenario, r) in enumerate(results.items()):
+            fused, base = r["fused"], r[baseline]
+            ratios = [fused[k] / base[k] if up else base[k] / fused[k] for k, _, up in measures]
+            ax.bar([x + i * width for x in range(len(measures))], ratios, width, label=scenario)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(measures))])
+        ax.set_xticklabels([label for _, label, _ in measures])
+        ax.set_title(
+            f"fused vs {'separate sessions' if baseline == 'separate' else 'compose + dedup'}"
+        )
+    axes[0].set_ylabel("fused advantage (x; above 1: fused better)")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -401,7 +486,7 @@ def main() -> None:
         print(f"{scenario}: building")
         facts = build(scenario, args)
         results[scenario] = measure(scenario, facts, args)
-    print("each cell: separate / fused (fused advantage)")
+    print("each cell: separate / compose + dedup / fused (fused advantage over each)")
     print(table(results))
     png = Path(args.json).with_suffix(".png")
     plot(results, png)

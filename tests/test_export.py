@@ -110,6 +110,21 @@ def test_contrib_moe_op_matches_torch(bundles):
     assert manifest["parity"]["max_error"] <= 1e-4
 
 
+@pytest.mark.parametrize("moe_op", ["gather", "contrib"])
+def test_combine_sum_exports_with_no_routing_weights(tmp_path, moe_op):
+    # `combine: sum` routes with weights None: the lowerings apply none (gather) or weigh every
+    # chosen expert 1 (contrib's log-weight logits are 0), and still compute the torch model
+    torch.manual_seed(0)
+    _, moe, _ = convert_tiny("llama", "uniform", "layer", combine="sum")
+    bundle = recast.export(moe, tmp_path / "b", {"moe_op": moe_op, "graph": "portable"})
+    parity = json.loads((bundle / "manifest.json").read_text())["parity"]
+    assert parity["passed"] and parity["max_error"] <= 1e-4
+    assert parity["experts_exercised"] == 1.0
+    ops = op_counts(bundle / "model.onnx")
+    if moe_op == "gather":  # results go back by one Gather, not a ScatterND into zeros
+        assert "ScatterND" not in ops and ops["TopK"] == 3 * moe.config.num_hidden_layers
+
+
 def test_int8_bundle_is_smaller_and_within_tolerance(bundles):
     _, fp32 = bundles("gpt2-layer")
     _, int8 = bundles("gpt2-layer", quantize="int8")
@@ -177,6 +192,7 @@ def test_parity_failure_writes_no_bundle(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no staging left behind
 
 
+@pytest.mark.slow  # 20 s: two exports
 def test_big_models_parity_gate_stops_adding_coverage_batches(tmp_path, monkeypatch):
     from recast.export import parity
 

@@ -921,6 +921,7 @@ def test_fused_model_above_2gb(tmp_path):
             np.testing.assert_array_equal(got["a/y"], huge_rows(ids, 1.0))
 
 
+@pytest.mark.slow  # 17 s: two checkpoint exports before the fusion
 def test_checkpoint_directories_fuse_as_decoders(tmp_path):
     """A checkpoint directory is exported on the way (its own parity gate), a decoder's KV cache
     inputs are fed from an empty cache by the fusion's parity gate, and outputs not kept go."""

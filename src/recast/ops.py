@@ -63,7 +63,7 @@ def activation_fn(name: str):
 def routed_experts(
     x: Tensor,
     indices: Tensor,
-    weights: Tensor,
+    weights: Tensor | None,
     up: Tensor,
     gate: Tensor | None,
     down: Tensor,
@@ -71,7 +71,8 @@ def routed_experts(
     gate_bias: Tensor | None,
     activation: str,
 ) -> Tensor:
-    """Sum over each token's chosen experts (`indices[T, k]`) of `weight * expert(x)`."""
+    """Sum over each token's chosen experts (`indices[T, k]`) of `weight * expert(x)`
+    (`weights` None: of `expert(x)`)."""
     act = activation_fn(activation)
     out = torch.zeros_like(x)
     for expert in range(up.shape[0]):
@@ -86,8 +87,8 @@ def routed_experts(
             None if gate_bias is None else gate_bias[expert],
             act,
         )
-        y = torch.nn.functional.linear(h, down[expert]) * weights[token, slot, None]
-        out.index_add_(0, token, y)
+        y = torch.nn.functional.linear(h, down[expert])
+        out.index_add_(0, token, y if weights is None else y * weights[token, slot, None])
     return out
 
 
@@ -100,7 +101,7 @@ def _(x, indices, weights, up, gate, down, up_bias, gate_bias, activation):
 def routed_expert_list(
     x: Tensor,
     indices: Tensor,
-    weights: Tensor,
+    weights: Tensor | None,
     fc1: list[Tensor],
     fc2: list[Tensor],
     activation: str,
@@ -119,7 +120,8 @@ def routed_expert_list(
             h = act(g) * u
         else:
             h = act(h)
-        out.index_add_(0, token, (h @ second) * weights[token, slot, None])
+        y = h @ second
+        out.index_add_(0, token, y if weights is None else y * weights[token, slot, None])
     return out
 
 

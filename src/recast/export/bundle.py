@@ -64,7 +64,9 @@ def export_bundle(
     model = model.eval()
     _check_exportable(model, spec)
     for moe in moe_layers(model):  # padded neurons: zero weights, so no mask is needed
-        moe.bank.zero_padding()
+        for bank in (moe.bank, moe.shared):
+            if bank is not None:
+                bank.zero_padding()
     out = Path(out)
     with atomic_directory(out, overwrite, inputs) as staging:
         # intermediate graphs (as big as the bundle) on the output's disk, not in /tmp

@@ -2,21 +2,23 @@
 
 Tracing the eager MoE layer would bake in the experts the example tokens happened to use (its
 loop runs over the experts present in the batch), so under export the layer calls this one op,
-and each ONNX target lowers it its own way (measured in docs/PERFORMANCE.md, "MoE operator"):
+and each ONNX target lowers it its own way (measured in docs/PERFORMANCE.md, "Export against the peers"):
 
 - `gather`: the (token, slot) pairs are ordered by expert (TopK as an argsort), their rows
   gathered once and split into one block per expert (counts from a one-hot sum), and each
-  expert's matmuls (gate and up fused into one) run on its block alone; one ScatterND puts
-  every result back at its (token, slot), then the slots are weighted and summed. This is the
-  eager layer's sort/bincount/split in plain ONNX: compute grows with the tokens routed, not
-  with the expert count, and the graph has 5 nodes per expert. The faster form on CPU, and
-  the only one whose experts can be quantized one by one.
+  expert's matmuls (gate and up fused into one) run on its block alone; one Gather by the
+  inverse permutation puts every result back at its (token, slot), then the slots are
+  weighted (`combine: sum` has no weights) and summed. This is the eager layer's
+  sort/bincount/split in plain ONNX: compute grows with the tokens routed, not with the expert
+  count; each expert has its own matmuls and activation, each layer about 15 routing nodes.
+  The faster form on CPU at every shape measured, and the only one whose experts can be
+  quantized one by one.
 - `contrib`: onnxruntime's `com.microsoft.MoE` kernel, fed the chosen experts as router
   logits (`log weight` at the chosen slots, -1e4 elsewhere) so its own top-k picks exactly
   them; `normalize_routing_weights` then gives `weight / sum(weights)`, and the sum (`k` for
   `combine: sum` and `softmax`; `softmax_all` weights have no fixed sum and are refused) is
-  folded into fc2. One kernel per layer: less per-node
-  overhead at batch 1, and on CUDA it avoids the host syncs that NonZero costs.
+  folded into fc2. One kernel per layer; on CUDA it avoids the host syncs that the gather
+  form's data-dependent split costs (the CUDA default, unmeasured: no GPU here).
 
 In pt2 programs the ops stay as they are and run their eager implementations.
 """
@@ -62,16 +64,13 @@ def _linear(x, weight, bias=None):
 
 
 def _routed(x, indices, weights, experts: int, expert_ffn):
-    """The gather form around `expert_ffn(expert, rows) -> [n, H]` (see the module note)."""
+    """The gather form around `expert_ffn(expert, rows) -> [n, H]` (see the module note);
+    `weights` None: every chosen expert counts once (`combine: sum`)."""
     k = indices.shape[1]
     flat_experts = op.Reshape(indices, _ints(-1))  # [T * k]: the expert of each (token, slot)
+    pairs = op.Shape(flat_experts)
     # (token, slot) positions ordered by expert, and how many each expert has
-    order = op.TopK(
-        op.Cast(flat_experts, to=onnx.TensorProto.FLOAT),
-        op.Shape(flat_experts),
-        largest=0,
-        sorted=1,
-    )[1]
+    order = op.TopK(flat_experts, pairs, largest=0, sorted=1)[1]
     counts = op.ReduceSum(
         op.Cast(
             op.Equal(
@@ -88,12 +87,10 @@ def _routed(x, indices, weights, experts: int, expert_ffn):
     outputs = [
         expert_ffn(e, op.SequenceAt(blocks, op.Constant(value_int=e))) for e in range(experts)
     ]
-    # Each (token, slot) position is written once (ScatterND's add is not safe for repeated
-    # indices under threads), weighted, then each token's k slots are summed.
-    shape = op.Concat(op.Mul(op.Shape(x, start=0, end=1), _ints(k)), op.Shape(x, start=1), axis=0)
-    slots = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), shape)  # [T * k, H] zeros
-    placed = op.ScatterND(slots, op.Unsqueeze(order, _ints(1)), op.Concat(*outputs, axis=0))
-    placed = op.Mul(placed, op.Unsqueeze(op.Reshape(weights, _ints(-1)), _ints(1)))
+    # back to (token, slot) order: the inverse permutation of `order` is its own argsort
+    placed = op.Gather(op.Concat(*outputs, axis=0), op.TopK(order, pairs, largest=0)[1], axis=0)
+    if weights is not None:
+        placed = op.Mul(placed, op.Unsqueeze(op.Reshape(weights, _ints(-1)), _ints(1)))
     return op.ReduceSum(op.Reshape(placed, _ints(-1, k, x.shape[1])), _ints(1), keepdims=0)
 
 
@@ -179,7 +176,11 @@ def contrib_lowering(x, indices, weights, up, gate, down, up_bias, gate_bias, ac
     experts, k = up.shape[0], indices.shape[1]
     tokens = op.Shape(x, start=0, end=1)
     logits = op.Expand(op.Constant(value_float=-1e4), op.Concat(tokens, _ints(experts), axis=0))
-    logits = op.ScatterElements(logits, indices, op.Log(weights), axis=1)
+    if weights is None:  # every chosen expert weighs 1: log 1 = 0
+        chosen = op.Expand(op.Constant(value_float=0.0), op.Shape(indices))
+    else:
+        chosen = op.Log(weights)
+    logits = op.ScatterElements(logits, indices, chosen, axis=1)
     if gate is None:
         fc1, fc1_bias, kind = up, up_bias, CONTRIB_ACTIVATIONS[activation][0]
     else:  # the CPU kernel wants gate and up rows interleaved: [g0, u0, g1, u1, ...]

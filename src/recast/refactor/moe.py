@@ -70,6 +70,8 @@ class ExpertBank(nn.Module):
             None if self.gate_bias is None else self.gate_bias[expert],
             self.act,
         )
+        if torch.compiler.is_exporting():  # exporters zero the padded neurons' weights first
+            return h
         return h * self.mask[expert]
 
     def all_activations(self, x: Tensor) -> Tensor:
@@ -219,19 +221,15 @@ class MoEFFN(nn.Module):
         """`routed` as one `recast::routed_experts` op, which each export target lowers in its
         own way (the eager loop above would bake in the experts the example tokens used)."""
         bank = self.bank
-        weights = routing.weights
-        if weights is None:
-            weights = torch.ones_like(routing.indices, dtype=x.dtype)
+        weights = None if routing.weights is None else routing.weights.to(x.dtype)
         if self.given_experts is not None:  # offload graphs: weights are graph inputs
             fc1, fc2 = self.given_experts
             gated = bank.gate is not None
-            return routed_expert_list(
-                x, routing.indices, weights.to(x.dtype), fc1, fc2, bank.activation, gated
-            )
+            return routed_expert_list(x, routing.indices, weights, fc1, fc2, bank.activation, gated)
         return routed_experts(
             x,
             routing.indices,
-            weights.to(x.dtype),
+            weights,
             bank.up,
             bank.gate,
             bank.down,  # exporters zero the padding first (`zero_padding`): no mask needed
