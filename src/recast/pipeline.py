@@ -53,6 +53,7 @@ from .stages import (
     partition_one,
     partition_settings,
     peak_rss_mb,
+    per_layer,
     pooled,
     recipe_fingerprint,
     run_report,
@@ -247,7 +248,7 @@ def transform(
     elif recipe.router.calibrated:
         log.info("calibrating the analytic router")
         fits = calibrate_routers(model, pooled(sequences), recipe.router, pad_id(dense), progress)
-        layer_fits = {key: [fit[key] for fit in fits] for key in fits[0]}
+        layer_fits = per_layer(fits)
     if recipe.compensate.enabled:
         log.info("fitting rank-%d compensators for the experts left out", recipe.compensate.rank)
         layer_fits.update(compensate(model, pooled(sequences), recipe, pad_id(dense), progress))
@@ -318,7 +319,7 @@ def compensate(
         model.train(was_training)
     results = [fit.finish() for fit in fits]
     model.recast.compensator_ranks = [m.compensator.rank for m in layers]
-    return {key: [fit[key] for fit in results] for key in results[0]}
+    return per_layer(results)
 
 
 @errors_shared()  # under a launcher, an error on any process ends every one, reported once

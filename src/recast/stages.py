@@ -118,6 +118,12 @@ def notes(recipe: Recipe) -> list[str]:
     return []
 
 
+def per_layer(records: list[dict]) -> dict[str, list]:
+    """Per-layer records (`[{key: value}]`, one per layer, the same keys) as the report's
+    `{key: [value per layer]}`."""
+    return {key: [record[key] for record in records] for key in records[0]}
+
+
 def run_report(
     recipe: Recipe, family: str, metrics: dict, routing: dict, router_losses: list[float], **more
 ) -> Report:

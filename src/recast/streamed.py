@@ -62,6 +62,7 @@ from .stages import (
     partition_one,
     partition_settings,
     peak_rss_mb,
+    per_layer,
     recipe_fingerprint,
     run_report,
     sequences_for,
@@ -386,9 +387,7 @@ class StreamedConversion:
         metrics = self._evaluate(streams, layers)
         losses = [sum(step) for step in zip(*(r["router_losses"] for r in layers), strict=True)]
         routing = self._routing(layers) if streams.evaluation else {}
-        routing.update(
-            {key: [r["router_fit"][key] for r in layers] for key in layers[0]["router_fit"]}
-        )
+        routing.update(per_layer([r["router_fit"] for r in layers]))
         report = run_report(recipe, self.family.name, metrics, routing, losses)
         partition = ModelPartition(
             recipe.experts.strategy,
